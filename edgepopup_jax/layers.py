@@ -1,0 +1,174 @@
+"""Flax Linen layers whose random weights are frozen and whose scores are learned.
+
+Collections: the random kernel lives in `frozen` (never given to an optimizer), the scores in
+`params`. mask="dense" is the baseline: a learned kernel in `params` and no scores.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from edgepopup_jax import inits, masking
+
+MASK_MODES = ("edge_popup", "supermask", "dense")
+FROZEN = "frozen"
+
+
+def check_mask_mode(mode: str) -> str:
+    if mode not in MASK_MODES:
+        raise ValueError(f"unknown mask mode {mode!r}; allowed: {', '.join(MASK_MODES)}")
+    return mode
+
+
+class _SubnetLayer(nn.Module):
+    """Fields and kernel logic shared by SubnetDense and SubnetConv (keyword-only fields)."""
+
+    _: dataclasses.KW_ONLY
+    keep_fraction: float = 0.5
+    weight_init: str = "kaiming_normal"
+    weight_init_mode: str = "fan_in"
+    scale_by_keep_fraction: bool = False
+    mask: str = "edge_popup"
+    supermask_eval: str = "threshold"
+    score_init: Callable | None = None  # default: Kaiming-uniform(a=sqrt(5)) over fan_in
+    use_bias: bool = False
+    dtype: Any = None  # compute dtype; None: that of the inputs
+    param_dtype: Any = jnp.float32
+
+    def __post_init__(self):
+        check_mask_mode(self.mask)
+        masking.check_keep_fraction(self.keep_fraction)
+        inits.check_weight_init(self.weight_init)
+        inits.check_fan_mode(self.weight_init_mode)
+        if self.supermask_eval not in masking.SUPERMASK_EVAL_MODES:
+            raise ValueError(f"unknown supermask_eval {self.supermask_eval!r}; "
+                             f"allowed: {', '.join(masking.SUPERMASK_EVAL_MODES)}")
+        if self.use_bias and self.mask != "dense":
+            raise ValueError("use_bias=True needs mask='dense': edge-popup and supermask train no bias")
+        super().__post_init__()
+
+    def masked_kernel(self, shape: tuple[int, ...], fan_in: int, fan_out: int, train: bool):
+        """W * mask(S) for the masked modes, the learned kernel for mask='dense'."""
+        scale_k = self.keep_fraction if self.scale_by_keep_fraction else None
+        init = inits.weight_init(self.weight_init, fan_in=fan_in, fan_out=fan_out,
+                                 mode=self.weight_init_mode, keep_fraction=scale_k)
+        if self.mask == "dense":
+            return self.param("kernel", init, shape, self.param_dtype)
+        weights = self.variable(FROZEN, "kernel",
+                                lambda: init(self.make_rng("params"), shape, self.param_dtype)).value
+        scores = self.param("scores", self.score_init or inits.score_init(fan_in=fan_in),
+                            shape, self.param_dtype)
+        if self.mask == "edge_popup":
+            mask = masking.topk_mask(scores, self.keep_fraction)
+        else:
+            sampling = train or self.supermask_eval == "sample"
+            mask = masking.supermask(scores, rng=self.make_rng("mask") if sampling else None,
+                                     train=train, eval_mode=self.supermask_eval)
+        return weights * mask
+
+    def add_bias(self, y, features: int):
+        if not self.use_bias:
+            return y
+        bias = self.param("bias", nn.initializers.zeros_init(), (features,), self.param_dtype)
+        return y + bias.astype(y.dtype)
+
+    def compute_dtype(self, x):
+        return self.dtype or jnp.result_type(x.dtype, self.param_dtype)
+
+
+class SubnetDense(_SubnetLayer):
+    """A dense layer y = x @ (W * mask(S)); fields as flax.linen.Dense plus the edge-popup ones."""
+
+    features: int
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        if self.features <= 0:
+            raise ValueError(f"SubnetDense needs features > 0, got {self.features}")
+        fan_in = x.shape[-1]
+        kernel = self.masked_kernel((fan_in, self.features), fan_in, self.features, train)
+        dtype = self.compute_dtype(x)
+        y = jnp.dot(x.astype(dtype), kernel.astype(dtype))
+        return self.add_bias(y, self.features)
+
+
+def _tuple(value, n: int, name: str) -> tuple[int, ...]:
+    if isinstance(value, int):
+        return (value,) * n
+    value = tuple(value)
+    if len(value) != n:
+        raise ValueError(f"{name} needs {n} values (one per spatial dimension), got {value}")
+    return value
+
+
+def _padding(padding, n: int):
+    if isinstance(padding, str):
+        if padding.upper() not in ("SAME", "VALID"):
+            raise ValueError(f"padding must be 'SAME', 'VALID', an int or per-dimension pairs, got {padding!r}")
+        return padding.upper()
+    if isinstance(padding, int):
+        return [(padding, padding)] * n
+    pads = [(p, p) if isinstance(p, int) else tuple(p) for p in padding]
+    if len(pads) != n:
+        raise ValueError(f"padding needs {n} entries, got {padding!r}")
+    return pads
+
+
+class SubnetConv(_SubnetLayer):
+    """A convolution with kernel W * mask(S), channels last (NHWC); fields as flax.linen.Conv."""
+
+    features: int
+    kernel_size: int | Sequence[int] = 3
+    strides: int | Sequence[int] = 1
+    padding: str | int | Sequence = "SAME"
+    input_dilation: int | Sequence[int] = 1
+    kernel_dilation: int | Sequence[int] = 1
+    feature_group_count: int = 1
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        if self.features <= 0:
+            raise ValueError(f"SubnetConv needs features > 0, got {self.features}")
+        n = len(self.kernel_size) if not isinstance(self.kernel_size, int) else x.ndim - 2
+        window = _tuple(self.kernel_size, n, "kernel_size")
+        in_features = x.shape[-1]
+        groups = self.feature_group_count
+        if in_features % groups or self.features % groups:
+            raise ValueError(f"feature_group_count={groups} must divide the input ({in_features}) "
+                             f"and output ({self.features}) features")
+        shape = window + (in_features // groups, self.features)
+        receptive = int(np.prod(window))
+        kernel = self.masked_kernel(shape, receptive * shape[-2], receptive * self.features, train)
+
+        batch_shape = x.shape[:-(n + 1)]
+        x = x.reshape((-1,) + x.shape[-(n + 1):])
+        dtype = self.compute_dtype(x)
+        spatial = "HWD"[:n] if n <= 3 else None
+        if spatial is None:
+            raise ValueError(f"SubnetConv supports 1 to 3 spatial dimensions, got {n}")
+        dims = jax.lax.conv_dimension_numbers(
+            x.shape, shape, ("N" + spatial + "C", spatial + "IO", "N" + spatial + "C"))
+        y = jax.lax.conv_general_dilated(
+            x.astype(dtype), kernel.astype(dtype),
+            window_strides=_tuple(self.strides, n, "strides"),
+            padding=_padding(self.padding, n),
+            lhs_dilation=_tuple(self.input_dilation, n, "input_dilation"),
+            rhs_dilation=_tuple(self.kernel_dilation, n, "kernel_dilation"),
+            dimension_numbers=dims,
+            feature_group_count=groups)
+        y = y.reshape(batch_shape + y.shape[1:])
+        return self.add_bias(y, self.features)
+
+
+class NonAffineBatchNorm(nn.BatchNorm):
+    """BatchNorm with no scale and no shift (nothing to learn); running statistics still tracked."""
+
+    use_scale: bool = False
+    use_bias: bool = False
+    momentum: float = 0.9
+    epsilon: float = 1e-5

@@ -1,0 +1,66 @@
+"""The paper's CIFAR-10 models: FC (LeNet-300-100) and Conv2/4/6/8 (VGG-like), all layers masked."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from edgepopup_jax.layers import SubnetConv, SubnetDense
+from edgepopup_jax.models.base import MaskedModel
+
+
+def _width(features: int, multiplier: float) -> int:
+    return max(1, int(features * multiplier))
+
+
+class ConvNet(MaskedModel):
+    """3x3 convs ("M" = 2x2 max-pool) with ReLU, no BN, no bias, then dense layers on the flattened features."""
+
+    conv_widths: Sequence[int | str] = (64, 64, "M")
+    dense_widths: Sequence[int] = (256, 256)
+    width: float = 1.0  # width multiplier: scales every conv and hidden dense layer
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = x.astype(self.dtype)
+        n_layers = 0
+        for w in self.conv_widths:
+            if w == "M":
+                x = nn.max_pool(x, (2, 2), strides=(2, 2))
+                continue
+            x = SubnetConv(_width(w, self.width), (3, 3), name=f"conv{n_layers}",
+                           **self.layer_options("first" if n_layers == 0 else "hidden"))(x, train)
+            x = nn.relu(x)
+            n_layers += 1
+        x = x.reshape((x.shape[0], -1))
+        for i, w in enumerate(self.dense_widths):
+            x = SubnetDense(_width(w, self.width), name=f"fc{i}",
+                            **self.layer_options("first" if n_layers == 0 else "hidden"))(x, train)
+            x = nn.relu(x)
+            n_layers += 1
+        x = SubnetDense(self.num_classes, name="head", **self.layer_options("last"))(x, train)
+        return x.astype(jnp.float32)
+
+
+class FC(ConvNet):
+    """LeNet-300-100: dense 300, 100, num_classes on the flattened input."""
+
+    conv_widths: Sequence[int | str] = ()
+    dense_widths: Sequence[int] = (300, 100)
+
+
+class Conv2(ConvNet):
+    conv_widths: Sequence[int | str] = (64, 64, "M")
+
+
+class Conv4(ConvNet):
+    conv_widths: Sequence[int | str] = (64, 64, "M", 128, 128, "M")
+
+
+class Conv6(ConvNet):
+    conv_widths: Sequence[int | str] = (64, 64, "M", 128, 128, "M", 256, 256, "M")
+
+
+class Conv8(ConvNet):
+    conv_widths: Sequence[int | str] = (64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M")

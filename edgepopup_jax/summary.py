@@ -1,0 +1,52 @@
+"""Per-layer counts of weights and kept weights, and a table to print."""
+from __future__ import annotations
+
+import dataclasses
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from edgepopup_jax import masking
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerStats:
+    name: str  # "/"-joined path of the layer
+    shape: tuple[int, ...]
+    total: int
+    kept: int
+    mode: str  # "edge_popup", "supermask" (kept: sigmoid(S) > 0.5) or "dense"
+
+
+def layer_stats(variables, keep_fraction: float, mask: str = "edge_popup") -> list[LayerStats]:
+    """Counts each layer's weights and the weights its current mask keeps (counted from the mask)."""
+    params = flax.traverse_util.flatten_dict(flax.core.unfreeze(variables["params"]), sep="/")
+    scores = {k[: -len("/scores")]: v for k, v in params.items() if k.endswith("/scores")}
+    dense = {k[: -len("/kernel")]: v for k, v in params.items() if k.endswith("/kernel")}
+
+    def count_kept(s):
+        if mask == "supermask":
+            return jnp.sum(s > 0)
+        return jnp.sum(masking.topk_mask_forward(s, keep_fraction), dtype=jnp.int32)
+
+    kept = jax.device_get(jax.jit(lambda t: jax.tree.map(count_kept, t))(scores))
+    rows = [LayerStats(name, tuple(s.shape), int(np.prod(s.shape)), int(kept[name]), mask)
+            for name, s in scores.items()]
+    rows += [LayerStats(name, tuple(k.shape), int(np.prod(k.shape)), int(np.prod(k.shape)), "dense")
+             for name, k in dense.items()]
+    order = {name: i for i, name in enumerate(k.rsplit("/", 1)[0] for k in params)}
+    return sorted(rows, key=lambda r: order[r.name])
+
+
+def format_table(rows: list[LayerStats]) -> str:
+    """A fixed-width table: one line per layer and a total line."""
+    width = max([len(r.name) for r in rows] + [5])
+    lines = [f"{'layer':<{width}}  {'shape':<20} {'mode':<10} {'weights':>12} {'kept':>12} {'kept %':>7}"]
+    for r in rows:
+        lines.append(f"{r.name:<{width}}  {str(r.shape):<20} {r.mode:<10} {r.total:>12,} {r.kept:>12,} "
+                     f"{100 * r.kept / r.total:>6.2f}%")
+    total, kept = sum(r.total for r in rows), sum(r.kept for r in rows)
+    lines.append(f"{'total':<{width}}  {'':<20} {'':<10} {total:>12,} {kept:>12,} {100 * kept / max(total, 1):>6.2f}%")
+    return "\n".join(lines)
