@@ -1,0 +1,63 @@
+"""The fields every config has, with the paper's CIFAR-10 recipe as defaults.
+
+Experiment files call get_base() and override what differs; every field can be overridden on
+the command line: --config.model.keep_fraction=0.3, --config.optim.learning_rate=0.05, ...
+"""
+import ml_collections
+
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR_STD = (0.2470, 0.2435, 0.2616)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def get_base() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    c.model = ml_collections.ConfigDict()
+    c.model.name = "conv4"
+    c.model.keep_fraction = 0.5  # fraction of weights KEPT per layer
+    c.model.weight_init = "kaiming_normal"  # kaiming_normal | signed_constant | kaiming_uniform | xavier_normal | unsigned_constant
+    c.model.weight_init_mode = "fan_in"
+    c.model.scale_by_keep_fraction = False  # the paper's "scaled" inits: std = gain / sqrt(k * fan)
+    c.model.mask = "edge_popup"  # edge_popup | supermask (Zhou et al.) | dense (learned weights)
+    c.model.supermask_eval = "threshold"
+    c.model.dense_first = False
+    c.model.dense_last = False
+    c.model.compute_dtype = "float32"  # "bfloat16" on accelerators
+
+    c.data = ml_collections.ConfigDict()
+    c.data.name = "cifar10"  # a tfds name, "folder" (data_dir/split/label/image) or "mnist5k"
+    c.data.data_dir = ml_collections.config_dict.placeholder(str)
+    c.data.train_split = "train"
+    c.data.eval_split = "test"
+    c.data.augment = "cifar"  # none | cifar | imagenet
+    c.data.image_size = 32
+    c.data.mean = CIFAR_MEAN
+    c.data.std = CIFAR_STD
+    c.data.shuffle_buffer = 50_000
+    c.data.cache = True
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.name = "sgd"  # sgd | adam
+    c.optim.learning_rate = 0.1
+    c.optim.momentum = 0.9
+    c.optim.nesterov = False
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.999
+    c.optim.eps = 1e-8
+    c.optim.weight_decay = 1e-4  # L2 on what trains: the scores
+    c.optim.schedule = "cosine"  # cosine | constant, per step
+    c.optim.warmup_epochs = 0.0
+    c.optim.label_smoothing = 0.0
+
+    c.batch_size = 128  # global, over all devices and processes
+    c.eval_batch_size = 500
+    c.num_epochs = 100
+    c.num_train_steps = -1  # > 0 overrides num_epochs
+    c.log_every_steps = 50
+    c.eval_every_steps = 0  # 0: once per epoch
+    c.checkpoint_every_steps = 0  # 0: once per epoch
+    c.keep_checkpoints = 3
+    return c

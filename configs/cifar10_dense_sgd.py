@@ -1,0 +1,12 @@
+"""Baseline: the same architecture with learned dense weights, SGD lr 0.01 (the paper's recipe).
+
+Usage: --config=configs/cifar10_dense_sgd.py:conv4
+"""
+from configs import cifar10
+
+
+def get_config(arch: str = "conv4"):
+    c = cifar10.get_config(arch)
+    c.model.mask = "dense"
+    c.optim.learning_rate = 0.01
+    return c

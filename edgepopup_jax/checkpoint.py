@@ -1,0 +1,66 @@
+"""Orbax checkpoints of the train state: saved asynchronously and atomically, restored exactly.
+
+Each checkpoint holds the state and a small JSON `meta` (model config, data position) used to
+refuse a checkpoint that does not belong to the run before anything is written.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import orbax.checkpoint as ocp
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be restored into this run."""
+
+
+class Checkpointer:
+    def __init__(self, directory: str, *, max_to_keep: int = 3, async_save: bool = True):
+        self.directory = os.path.abspath(directory) if "://" not in directory else directory
+        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                               enable_async_checkpointing=async_save)
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state, meta: dict, *, force: bool = False) -> bool:
+        return self.manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=force)
+
+    def restore(self, state_template, expected_meta: dict, step: int | None = None):
+        """Restores `step` (default: the latest) into the shapes/shardings of state_template.
+
+        Raises CheckpointError when the checkpoint's meta disagrees with expected_meta on any
+        key of expected_meta, or when it cannot be read (corrupt, truncated, other layout).
+        """
+        step = self.latest_step() if step is None else step
+        where = f"checkpoint {step} in {self.directory}"
+        try:
+            meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        except Exception as e:  # noqa: BLE001 - orbax raises many kinds; all mean "unreadable"
+            raise CheckpointError(f"{where} is unreadable ({type(e).__name__}: {e}); move it away "
+                                  "or use another --workdir") from e
+        diffs = {k: (meta.get(k), v) for k, v in expected_meta.items() if meta.get(k) != v}
+        if diffs:
+            lines = "; ".join(f"{k}: checkpoint has {json.dumps(a)}, this run has {json.dumps(b)}"
+                              for k, (a, b) in diffs.items())
+            raise CheckpointError(f"{where} belongs to another run ({lines}); use another --workdir "
+                                  "or the original config")
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state_template)
+        try:
+            restored = self.manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract)))["state"]
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointError(f"{where} could not be restored into this model "
+                                  f"({type(e).__name__}: {e})") from e
+        return restored, meta
+
+    def wait(self):
+        self.manager.wait_until_finished()
+
+    def close(self):
+        self.manager.wait_until_finished()
+        self.manager.close()

@@ -1,0 +1,317 @@
+"""Training and evaluation: `train_and_evaluate(config, workdir)`.
+
+Data flows one way: config -> input pipeline -> model -> state -> step -> eval -> checkpoint.
+One code path for every device count: the batch is sharded on the mesh's `data` axis, the state
+is replicated, and jit inserts the collectives (BatchNorm statistics are over the global batch).
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import signal
+import time
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+
+from edgepopup_jax import checkpoint as ckpt_lib
+from edgepopup_jax import input_pipeline, masking, optim, sharding, summary
+from edgepopup_jax.models import get_model
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any  # what the optimizer trains: scores (and a baseline's learned weights)
+    frozen: Any  # the random weights: never given to the optimizer
+    batch_stats: Any
+    opt_state: Any
+    rng: jax.Array  # raw uint32 key; step keys are fold_in(rng, step), so resuming is exact
+
+
+def build_model(config: ml_collections.ConfigDict, num_classes: int):
+    options = config.model.to_dict()
+    name = options.pop("name")
+    return get_model(name, num_classes=num_classes, **options)
+
+
+def _variables(state: TrainState) -> dict:
+    return {"params": state.params, "frozen": state.frozen, "batch_stats": state.batch_stats}
+
+
+def create_state(model, tx, image_shape, seed: int) -> TrainState:
+    init_key, rng = jax.random.split(jax.random.PRNGKey(seed))
+    variables = model.init({"params": init_key, "mask": init_key},
+                           jnp.zeros((1,) + tuple(image_shape), jnp.float32), train=False)
+    params = variables["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      frozen=variables.get("frozen", {}), batch_stats=variables.get("batch_stats", {}),
+                      opt_state=tx.init(params), rng=rng)
+
+
+def cross_entropy(logits, labels, num_classes: int, label_smoothing: float = 0.0):
+    targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), label_smoothing)
+    return optax.softmax_cross_entropy(logits, targets)
+
+
+def train_step(state: TrainState, batch, *, model, tx, num_classes: int, label_smoothing: float):
+    rng = jax.random.fold_in(state.rng, state.step)
+
+    def loss_fn(params):
+        variables = {**_variables(state), "params": params}
+        logits, updates = model.apply(variables, batch["image"], train=True,
+                                      mutable=["batch_stats"], rngs={"mask": rng})
+        loss = cross_entropy(logits, batch["label"], num_classes, label_smoothing).mean()
+        return loss, (logits, updates.get("batch_stats", state.batch_stats))
+
+    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                          batch_stats=batch_stats, opt_state=opt_state)
+    accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
+    return state, {"loss": loss, "accuracy": accuracy}
+
+
+def eval_step(state: TrainState, batch, *, model, num_classes: int):
+    """Sums over the real (mask = 1) examples of the batch: loss, top-1 and top-5 hits, count."""
+    logits = model.apply(_variables(state), batch["image"], train=False)
+    mask = batch["mask"]
+    labels = batch["label"]
+    top = jax.lax.top_k(logits, min(5, num_classes))[1]
+    hits5 = jnp.any(top == labels[:, None], axis=-1)
+    return {"loss": jnp.sum(cross_entropy(logits, labels, num_classes) * mask),
+            "top1": jnp.sum((top[:, 0] == labels) * mask),
+            "top5": jnp.sum(hits5 * mask),
+            "count": jnp.sum(mask)}
+
+
+def tree_hash(tree) -> str:
+    """sha256 over every leaf's bytes, in path order: equal hashes mean bit-identical trees."""
+    h = hashlib.sha256()
+    for path, leaf in sorted(flax.traverse_util.flatten_dict(flax.core.unfreeze(tree), sep="/").items()):
+        h.update(path.encode())
+        h.update(np.asarray(jax.device_get(leaf)).tobytes())
+    return h.hexdigest()
+
+
+def check_kept_counts(state: TrainState, config) -> list[summary.LayerStats]:
+    """Every edge-popup layer keeps exactly kept_count(n, k) weights; raises if not."""
+    rows = summary.layer_stats({"params": state.params}, config.model.keep_fraction,
+                               config.model.get("mask", "edge_popup"))
+    for r in rows:
+        if r.mode == "edge_popup" and r.kept != masking.kept_count(r.total, config.model.keep_fraction):
+            raise RuntimeError(f"layer {r.name} keeps {r.kept} of {r.total} weights, expected "
+                               f"{masking.kept_count(r.total, config.model.keep_fraction)}")
+    return rows
+
+
+class _Preemption:
+    """Turns SIGTERM into a flag the loop polls, so the loop can save and exit cleanly."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread: leave signals alone
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+    def any_process(self) -> bool:
+        if jax.process_count() == 1:
+            return self.requested
+        from jax.experimental import multihost_utils
+        return bool(np.any(multihost_utils.process_allgather(np.array(self.requested))))
+
+
+class _Writer:
+    """TensorBoard scalars from process 0 (a no-op elsewhere)."""
+
+    def __init__(self, workdir: str):
+        self._writer = None
+        if jax.process_index() == 0:
+            from tensorboardX import SummaryWriter
+            self._writer = SummaryWriter(logdir=workdir)
+
+    def scalars(self, step: int, values: dict):
+        if self._writer is not None:
+            for k, v in values.items():
+                self._writer.add_scalar(k, float(v), step)
+            self._writer.flush()
+
+    def close(self):
+        if self._writer is not None:
+            self._writer.close()
+
+
+def _write_json_atomically(path: str, obj) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, default=str)
+    os.replace(tmp, path)
+
+
+def evaluate(state, jitted_eval, config, mesh) -> dict:
+    totals = None
+    batch_size = config.get("eval_batch_size") or config.batch_size
+    local = sharding.local_batch_size(batch_size, mesh)
+    for batch in input_pipeline.eval_iterator(config.data, batch_size=local):
+        sums = jitted_eval(state, sharding.to_global(batch, mesh))
+        totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+    totals = jax.device_get(totals)
+    count = max(float(totals["count"]), 1.0)
+    return {"top1": float(totals["top1"]) / count, "top5": float(totals["top5"]) / count,
+            "loss": float(totals["loss"]) / count, "count": int(totals["count"])}
+
+
+def _format_eta(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devices=None,
+                       stop_after_steps: int | None = None) -> dict:
+    """Trains config's model on config's data, evaluating and checkpointing into workdir.
+
+    Resumes from the latest checkpoint in workdir at its exact step. `devices` restricts the mesh
+    (default: all devices of all processes). `stop_after_steps` stops early (after saving a
+    checkpoint) as a preemption would: for tests and time-limited jobs.
+    Returns the results also written to workdir/results.json.
+    """
+    # Everything that can be wrong with the config fails here, before anything is written.
+    info = input_pipeline.get_info(config.data)
+    model = build_model(config, info.num_classes)
+    mesh = sharding.make_mesh(devices)
+    local_batch = sharding.local_batch_size(config.batch_size, mesh)
+    steps_per_epoch = input_pipeline.steps_per_epoch(info, config.batch_size)
+    if steps_per_epoch < 1:
+        raise ValueError(f"batch_size {config.batch_size} is larger than the training split "
+                         f"({info.num_train} examples)")
+    total_steps = config.num_train_steps if config.get("num_train_steps", 0) > 0 \
+        else int(config.num_epochs * steps_per_epoch)
+    schedule = optim.learning_rate_schedule(config.optim, total_steps, steps_per_epoch)
+    tx = optim.make_optimizer(config.optim, schedule)
+    eval_every = config.get("eval_every_steps", 0) or steps_per_epoch
+    ckpt_every = config.get("checkpoint_every_steps", 0) or steps_per_epoch
+    log_every = config.get("log_every_steps", 50)
+
+    repl = sharding.replicated(mesh)
+    state = jax.jit(functools.partial(create_state, model, tx, info.image_shape),
+                    static_argnums=0, out_shardings=repl)(config.seed)
+    frozen_hash_init = tree_hash(state.frozen)
+
+    os.makedirs(workdir, exist_ok=True) if "://" not in workdir else None
+    meta = {"model": config.model.to_dict(), "seed": config.seed, "dataset": config.data.name,
+            "batch_size": config.batch_size, "num_classes": info.num_classes}
+    checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                         max_to_keep=config.get("keep_checkpoints", 3))
+    if checkpointer.latest_step() is not None:
+        state, _ = checkpointer.restore(state, {k: meta[k] for k in ("model", "seed", "dataset",
+                                                                     "batch_size")})
+        logging.info("Resumed from step %d of %s", int(state.step), checkpointer.directory)
+    if tree_hash(state.frozen) != frozen_hash_init:
+        raise ckpt_lib.CheckpointError("the checkpoint's frozen weights differ from this seed's")
+    logging.info("Frozen weights sha256 %s", frozen_hash_init)
+
+    data_sharded = sharding.batch_sharded(mesh)
+    step_fn = jax.jit(functools.partial(train_step, model=model, tx=tx, num_classes=info.num_classes,
+                                        label_smoothing=config.optim.get("label_smoothing", 0.0)),
+                      in_shardings=(repl, data_sharded), out_shardings=(repl, repl), donate_argnums=0)
+    eval_fn = jax.jit(functools.partial(eval_step, model=model, num_classes=info.num_classes),
+                      in_shardings=(repl, data_sharded), out_shardings=repl)
+
+    writer = _Writer(workdir)
+    start_step = int(state.step)
+    train_iter = input_pipeline.train_iterator(config.data, batch_size=local_batch, seed=config.seed,
+                                               start_step=start_step)
+    logging.info("Training %s on %s: %d steps (%d per epoch), global batch %d on %d devices, "
+                 "%d processes", config.model.name, config.data.name, total_steps, steps_per_epoch,
+                 config.batch_size, mesh.devices.size, jax.process_count())
+
+    t_start = time.time()
+    pending, last_eval, preempted, history = [], None, False, []
+    t_log, steps_since_log, throughput = time.time(), 0, []
+    step = start_step
+    with _Preemption() as preemption:
+        while step < total_steps:
+            batch = sharding.to_global(next(train_iter), mesh)
+            state, metrics = step_fn(state, batch)
+            step += 1
+            pending.append(metrics)
+            steps_since_log += 1
+            if step % log_every == 0 or step == total_steps:
+                values = jax.tree.map(lambda *xs: float(np.mean(xs)), *jax.device_get(pending))
+                pending = []
+                history.append({"step": step, **values})
+                elapsed = time.time() - t_log
+                images_per_sec = steps_since_log * config.batch_size / max(elapsed, 1e-9)
+                if step - start_step > steps_since_log:  # the first interval includes compilation
+                    throughput.append(images_per_sec)
+                t_log, steps_since_log = time.time(), 0
+                lr = float(schedule(step - 1))
+                eta = (total_steps - step) * config.batch_size / images_per_sec
+                logging.info("step %d/%d  epoch %.2f  loss %.4f  acc %.4f  lr %.4g  %.0f img/s  ETA %s",
+                             step, total_steps, step / steps_per_epoch, values["loss"],
+                             values["accuracy"], lr, images_per_sec, _format_eta(eta))
+                writer.scalars(step, {"train/loss": values["loss"], "train/accuracy": values["accuracy"],
+                                      "train/learning_rate": lr, "train/images_per_sec": images_per_sec})
+            if step % eval_every == 0 or step == total_steps:
+                last_eval = evaluate(state, eval_fn, config, mesh)
+                logging.info("eval at step %d: top-1 %.4f  top-5 %.4f  loss %.4f (%d examples)",
+                             step, last_eval["top1"], last_eval["top5"], last_eval["loss"],
+                             last_eval["count"])
+                writer.scalars(step, {f"eval/{k}": v for k, v in last_eval.items() if k != "count"})
+            stop_now = stop_after_steps is not None and step - start_step >= stop_after_steps
+            if stop_now or preemption.any_process():
+                preempted = True
+                checkpointer.save(step, state, meta, force=True)
+                logging.info("Stopping at step %d (%s); checkpoint saved", step,
+                             "requested" if stop_now else "SIGTERM")
+                break
+            if step % ckpt_every == 0 or step == total_steps:
+                checkpointer.save(step, state, meta)
+    checkpointer.close()
+    writer.close()
+
+    if tree_hash(state.frozen) != frozen_hash_init:
+        raise RuntimeError("frozen weights changed during training: this is a bug")
+    rows = check_kept_counts(state, config)
+    results = {
+        "step": step, "total_steps": total_steps, "preempted": preempted,
+        "eval": last_eval,
+        "frozen_sha256": frozen_hash_init,
+        "state_sha256": tree_hash({"params": state.params, "batch_stats": state.batch_stats,
+                                   "opt_state": flax.serialization.to_state_dict(state.opt_state)}),
+        "train_history": history,
+        "layers": [dict(name=r.name, shape=list(r.shape), total=r.total, kept=r.kept, mode=r.mode)
+                   for r in rows],
+        "weights_total": sum(r.total for r in rows), "weights_kept": sum(r.kept for r in rows),
+        "images_per_sec": float(np.median(throughput)) if throughput else None,
+        "wall_time_sec": time.time() - t_start,
+        "num_devices": int(mesh.devices.size), "num_processes": jax.process_count(),
+        "config": config.to_dict(),
+    }
+    if jax.process_index() == 0 and "://" not in workdir:
+        _write_json_atomically(os.path.join(workdir, "results.json"), results)
+    if not preempted:
+        logging.info("Done: top-1 %.4f top-5 %.4f; kept %d of %d weights\n%s",
+                     last_eval["top1"], last_eval["top5"], results["weights_kept"],
+                     results["weights_total"], summary.format_table(rows))
+    return results

@@ -1,0 +1,62 @@
+"""Trains edge-popup (or a baseline) from a config file.
+
+  python main.py --config=configs/cifar10_conv4.py --workdir=runs/conv4 --config.model.keep_fraction=0.3
+
+Running again with the same --workdir resumes from its latest checkpoint.
+"""
+import logging as pylogging
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # so configs/ can import each other
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py[:arg]).",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Where checkpoints, TensorBoard events and results.json go.")
+flags.DEFINE_string("coordinator_address", None, "Multi-process: host:port of process 0 "
+                    "(auto-detected on SLURM and Cloud TPU pods).")
+flags.DEFINE_integer("num_processes", None, "Multi-process: the number of processes.")
+flags.DEFINE_integer("process_id", None, "Multi-process: this process's index.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+class _HideLibraryInfo(pylogging.Filter):
+    """Orbax logs every checkpoint step at INFO; keep the console to our own progress lines."""
+
+    def filter(self, record):
+        return record.levelno >= pylogging.WARNING or "orbax" not in record.pathname
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from edgepopup_jax import sharding, train
+
+    logging.get_absl_logger().addFilter(_HideLibraryInfo())
+
+    sharding.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    import jax
+    if jax.process_index() != 0:
+        logging.set_verbosity(logging.WARNING)
+    logging.info("Config:\n%s", FLAGS.config)
+    try:
+        results = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    except ValueError as e:  # bad config, data or checkpoint: say what, not a traceback
+        logging.error("%s", e)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if jax.process_index() == 0 and results["eval"] is not None:
+        print(f"top-1 {results['eval']['top1']:.4f}  top-5 {results['eval']['top5']:.4f}  "
+              f"kept {results['weights_kept']:,} of {results['weights_total']:,} weights  "
+              f"({results['step']} steps, {results['wall_time_sec']:.0f} s)  -> "
+              f"{os.path.join(FLAGS.workdir, 'results.json')}")
+    return 0
+
+
+if __name__ == "__main__":
+    app.run(lambda argv: sys.exit(main(argv)))
