@@ -345,7 +345,12 @@ def train_iterator(
 
     first_epoch, skip = divmod(start_step, steps)
     for epoch in itertools.count(first_epoch):
-        yield from epoch_batches(epoch, skip if epoch == first_epoch else 0).as_numpy_iterator()
+        produced = 0
+        for batch in epoch_batches(epoch, skip if epoch == first_epoch else 0).as_numpy_iterator():
+            produced += 1
+            yield batch
+        if produced < steps - (skip if epoch == first_epoch else 0):  # else a short source would loop silently
+            raise RuntimeError(f"epoch {epoch} gave {produced} batches, expected {steps}: the data is shorter than declared")
 
 
 def eval_iterator(config, batch_size: int, process_index=None, process_count=None) -> Iterator[dict[str, np.ndarray]]:
