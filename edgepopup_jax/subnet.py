@@ -1,0 +1,530 @@
+"""The found subnetwork as a product: a compact, checksummed file and a loader for inference.
+
+A trained edge-popup model is random weights W plus scores S; what it computes depends only on
+W * mask(S). `save_subnet` stores exactly that: per masked layer the mask as 1 bit per weight
+and the kept weights (for constant-magnitude inits: 1 sign bit per kept weight plus one float32
+magnitude; otherwise the kept float32 values in mask order). Learned kernels (mask="dense",
+dense_first / dense_last) and BN state are stored whole.
+
+`load_subnet` returns `(model, variables)`: the same architecture built with mask="dense" (every
+layer a plain learned-kernel layer) and variables whose kernels are W * mask, so
+`model.apply(variables, x)` (ResNets: train=False, the default) gives the trained model's
+eval-mode outputs bit for bit. Non-affine BN layers become affine BN with scale 1 and bias 0,
+which is exact in floating point ((x - m) * (r * 1) + 0 == (x - m) * r).
+
+File layout (all integers little-endian):
+
+    offset  size  content
+    0       8     magic b"\\x89EPSUBN\\n"
+    8       4     uint32 format version (FORMAT_VERSION)
+    12      8     uint64 H, the header length
+    20      32    sha256 of the header bytes
+    52      H     header: UTF-8 JSON (model_name, model_options, keep_fraction, layers, arrays,
+                  payload_bytes, payload_sha256)
+    52+H    P     payload: the arrays' raw bytes back to back (each: dtype, shape, offset in
+                  the header's "arrays" table)
+
+Files are written to a temporary file in the same directory and renamed into place.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import os
+import struct
+import tempfile
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from edgepopup_jax import masking
+
+MAGIC = b"\x89EPSUBN\n"
+FORMAT_VERSION = 1
+_PREFIX = struct.Struct("<8sIQ32s")  # magic, version, header length, header sha256
+SUFFIX = ".subnet"
+
+# Encodings of a masked layer's kept weights.
+ENC_SIGN_SCALE = "sign_scale"  # every kept |w| is one value: sign bits + one float32 magnitude
+ENC_CONSTANT = "constant"  # every kept w is one value (e.g. unsigned_constant): just that value
+ENC_VALUES = "values"  # kept values as float32, in mask (row-major) order
+
+
+# --------------------------------------------------------------------------------------------
+# pure pack / unpack of one masked layer
+
+
+def layer_mask(scores, *, mask_mode: str, keep_fraction: float, supermask_eval: str = "threshold"):
+    """The 0/1 eval-time mask a layer applies to its weights, as a bool numpy array."""
+    if mask_mode == "edge_popup":
+        m = masking.topk_mask_forward(jnp.asarray(scores), keep_fraction)
+    elif mask_mode == "supermask":
+        if supermask_eval != "threshold":
+            raise ValueError(
+                f"a supermask model exports only with supermask_eval='threshold' (a fixed 0/1 mask), "
+                f"got {supermask_eval!r}: 'expectation' scales weights by sigmoid(S) and 'sample' "
+                "draws a new mask on every call")
+        m = masking.supermask(jnp.asarray(scores), rng=None, train=False, eval_mode="threshold")
+    else:
+        raise ValueError(f"no mask for mask mode {mask_mode!r}")
+    return np.asarray(jax.device_get(m)) != 0
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _masks_jit(scores_list, mask_mode, keep_fraction):
+    if mask_mode == "edge_popup":
+        return [masking.topk_mask_forward(s, keep_fraction) != 0 for s in scores_list]
+    return [masking.supermask(s, rng=None, train=False, eval_mode="threshold") != 0 for s in scores_list]
+
+
+def layer_masks(scores: dict, *, mask_mode: str, keep_fraction: float,
+                supermask_eval: str = "threshold") -> dict:
+    """layer_mask for a dict of score arrays at once (one compiled computation)."""
+    if mask_mode == "supermask" and supermask_eval != "threshold":
+        layer_mask(np.zeros((1,), np.float32), mask_mode=mask_mode, keep_fraction=keep_fraction,
+                   supermask_eval=supermask_eval)  # raises the explanatory error
+    if mask_mode not in ("edge_popup", "supermask"):
+        raise ValueError(f"no mask for mask mode {mask_mode!r}")
+    keys = list(scores)
+    out = _masks_jit([jnp.asarray(scores[k]) for k in keys], mask_mode,
+                     masking.check_keep_fraction(keep_fraction))
+    return {k: np.asarray(jax.device_get(m)) for k, m in zip(keys, out)}
+
+
+def pack_layer(weights, mask) -> dict[str, Any]:
+    """Packs W restricted to a 0/1 mask: {'shape', 'kept', 'mask_bits', 'encoding', ...}.
+
+    Exact: unpack_layer(pack_layer(W, m)) == W * m (up to the sign of the zeros).
+    """
+    w = np.asarray(weights)
+    if w.dtype != np.float32:
+        raise ValueError(f"weights must be float32, got {w.dtype}")
+    m = np.asarray(mask).astype(bool)
+    if m.shape != w.shape:
+        raise ValueError(f"mask shape {m.shape} != weight shape {w.shape}")
+    flat_m = m.reshape(-1)
+    kept = w.reshape(-1)[flat_m]
+    out = {"shape": tuple(w.shape), "kept": int(kept.size), "mask_bits": np.packbits(flat_m)}
+    bits = kept.view(np.uint32)
+    if kept.size and np.all(bits == bits[0]):
+        out.update(encoding=ENC_CONSTANT, value=np.float32(kept[0]))
+    elif kept.size and np.all((bits & 0x7FFFFFFF) == (bits[0] & 0x7FFFFFFF)) and np.isfinite(kept[0]):
+        out.update(encoding=ENC_SIGN_SCALE, value=np.abs(kept[0]).astype(np.float32),
+                   sign_bits=np.packbits(np.signbit(kept)))
+    else:
+        out.update(encoding=ENC_VALUES, values=kept.astype(np.float32))
+    return out
+
+
+def unpack_layer(packed: dict[str, Any]) -> np.ndarray:
+    """The float32 kernel W * mask from pack_layer's output."""
+    shape = tuple(packed["shape"])
+    n = int(np.prod(shape, dtype=np.int64))
+    flat_m = np.unpackbits(np.asarray(packed["mask_bits"], np.uint8), count=n).astype(bool)
+    k = int(flat_m.sum())
+    if k != packed["kept"]:
+        raise ValueError(f"corrupt subnet: the mask keeps {k} weights, the header says {packed['kept']}")
+    enc = packed["encoding"]
+    if enc == ENC_CONSTANT:
+        kept = np.full((k,), packed["value"], np.float32)
+    elif enc == ENC_SIGN_SCALE:
+        neg = np.unpackbits(np.asarray(packed["sign_bits"], np.uint8), count=k).astype(bool)
+        v = np.float32(packed["value"])
+        kept = np.where(neg, -v, v).astype(np.float32)
+    elif enc == ENC_VALUES:
+        kept = np.asarray(packed["values"], np.float32)
+        if kept.size != k:
+            raise ValueError(f"corrupt subnet: {kept.size} kept values for a mask keeping {k}")
+    else:
+        raise ValueError(f"corrupt subnet: unknown encoding {enc!r}")
+    out = np.zeros((n,), np.float32)
+    out[flat_m] = kept
+    return out.reshape(shape)
+
+
+# --------------------------------------------------------------------------------------------
+# model options
+
+
+_OPTION_DEFAULTS = dict(keep_fraction=0.5, mask="edge_popup", supermask_eval="threshold",
+                        dense_first=False, dense_last=False)
+
+
+def _json_options(options: dict) -> dict:
+    """model options with JSON-safe values (dtypes as names, tuples as lists); checks they are JSON."""
+    out = {}
+    for k, v in dict(options).items():
+        if isinstance(v, (np.dtype, type)) or k.endswith("dtype"):
+            v = jnp.dtype(v).name
+        elif isinstance(v, tuple):
+            v = list(v)
+        elif isinstance(v, np.generic):
+            v = v.item()
+        out[k] = v
+    try:
+        json.dumps(out)
+    except TypeError as e:
+        raise ValueError(f"model_options must be JSON-serializable: {e}") from None
+    return out
+
+
+def inference_options(model_options: dict) -> dict:
+    """The options of the loaded (all-dense) model: mask='dense', no dense_first/last."""
+    opts = dict(model_options)
+    opts["mask"] = "dense"
+    opts.pop("dense_first", None)
+    opts.pop("dense_last", None)
+    opts.pop("supermask_eval", None)
+    return opts
+
+
+# --------------------------------------------------------------------------------------------
+# tree helpers
+
+
+def _flat(tree) -> dict[tuple[str, ...], Any]:
+    if tree is None:
+        return {}
+    return flax.traverse_util.flatten_dict(flax.core.unfreeze(tree))
+
+
+def _get(variables, name):
+    try:
+        return variables[name]
+    except (KeyError, TypeError):
+        return None
+
+
+def _layer_roles(variables) -> tuple[dict, dict, dict]:
+    """(masked layers {path: (scores, weights)}, learned kernels {path: kernel}, other leaves {(col, path): value})."""
+    params = _flat(_get(variables, "params"))
+    frozen = _flat(_get(variables, "frozen"))
+    masked, dense, other = {}, {}, {}
+    for path, v in params.items():
+        if path[-1] == "scores":
+            layer = path[:-1]
+            w = frozen.get(layer + ("kernel",))
+            if w is None:
+                raise ValueError(f"layer {'/'.join(layer)} has scores but no frozen kernel "
+                                 "(pass the full variables: params, frozen and batch_stats)")
+            masked[layer] = (v, w)
+        elif path[-1] == "kernel":
+            dense[path[:-1]] = v
+        else:
+            other[("params",) + path] = v
+    for path, v in frozen.items():
+        if path[-1] != "kernel" or path[:-1] not in masked:
+            raise ValueError(f"frozen variable {'/'.join(path)} belongs to no masked layer")
+    for col, tree in flax.core.unfreeze(variables).items():
+        if col in ("params", "frozen"):
+            continue
+        for path, v in _flat(tree).items():
+            other[(col,) + path] = v
+    return masked, dense, other
+
+
+# --------------------------------------------------------------------------------------------
+# sizes
+
+
+def float_state_bytes(variables) -> dict[str, int]:
+    """Bytes of the float32 state: weights + scores + BN (the reference's checkpoint), and the
+    same plus one SGD-momentum buffer per trainable parameter (a full training-state checkpoint)."""
+    total = sum(int(np.prod(np.shape(v))) * 4 for v in jax.tree.leaves(variables))
+    trainable = sum(int(np.prod(np.shape(v))) * 4 for v in jax.tree.leaves(_get(variables, "params") or {}))
+    return {"float32_state_bytes": total, "train_state_bytes": total + trainable}
+
+
+def size_report(variables, model_name: str, model_options: dict, keep_fraction=None) -> dict:
+    """The sizes save_subnet would report, without writing a file (it packs in memory)."""
+    blob, stats = _encode(model_name=model_name, model_options=model_options, variables=variables,
+                          keep_fraction=keep_fraction)
+    return stats
+
+
+# --------------------------------------------------------------------------------------------
+# encode / decode
+
+
+def _encode(*, model_name: str, model_options: dict, variables, keep_fraction=None):
+    from edgepopup_jax.models import get_model  # local: models import layers, not this module
+
+    options = _json_options(model_options)
+    get_model(model_name, **options)  # validates the name and options
+    full = {**_OPTION_DEFAULTS, **options}
+    k = masking.check_keep_fraction(full["keep_fraction"] if keep_fraction is None else keep_fraction)
+    options["keep_fraction"] = k
+    mask_mode = full["mask"]
+
+    masked, dense, other = _layer_roles(variables)
+    if masked and mask_mode == "dense":
+        raise ValueError("model_options say mask='dense' but the variables hold scores")
+    if not masked and not dense:
+        raise ValueError("variables hold no layers (expected params with 'scores' or 'kernel')")
+
+    arrays: list[dict] = []
+    chunks: list[bytes] = []
+    offset = 0
+
+    def add(a) -> int:
+        nonlocal offset
+        a = np.ascontiguousarray(np.asarray(jax.device_get(a)))
+        b = a.tobytes()
+        arrays.append({"dtype": a.dtype.str, "shape": list(a.shape), "offset": offset, "nbytes": len(b)})
+        chunks.append(b)
+        offset += len(b)
+        return len(arrays) - 1
+
+    layers = []
+    n_masked = n_kept = 0
+    if masked:
+        masks = layer_masks({p: s for p, (s, _) in masked.items()}, mask_mode=mask_mode,
+                            keep_fraction=k, supermask_eval=full.get("supermask_eval", "threshold"))
+    for path, (scores, w) in masked.items():
+        packed = pack_layer(np.asarray(jax.device_get(w)), masks[path])
+        entry = {"path": list(path), "kind": "masked", "shape": list(packed["shape"]),
+                 "kept": packed["kept"], "encoding": packed["encoding"],
+                 "mask_bits": add(packed["mask_bits"])}
+        if packed["encoding"] == ENC_VALUES:
+            entry["values"] = add(packed["values"])
+        else:
+            entry["value"] = float(packed["value"]).hex()
+            if packed["encoding"] == ENC_SIGN_SCALE:
+                entry["sign_bits"] = add(packed["sign_bits"])
+        layers.append(entry)
+        n_masked += int(np.prod(packed["shape"]))
+        n_kept += packed["kept"]
+    for path, kernel in dense.items():
+        layers.append({"path": list(path), "kind": "dense", "shape": list(np.shape(kernel)),
+                       "kernel": add(kernel)})
+    extra = [{"path": list(path), "array": add(v)} for path, v in other.items()]
+
+    payload = b"".join(chunks)
+    header = {
+        "model_name": model_name,
+        "model_options": options,
+        "keep_fraction": k,
+        "mask": mask_mode,
+        "layers": layers,
+        "extra": extra,
+        "arrays": arrays,
+        "payload_bytes": len(payload),
+        "payload_sha256": hashlib.sha256(payload).hexdigest(),
+    }
+    hbytes = json.dumps(header, sort_keys=True, separators=(",", ":")).encode("utf-8")
+    blob = _PREFIX.pack(MAGIC, FORMAT_VERSION, len(hbytes), hashlib.sha256(hbytes).digest()) + hbytes + payload
+    fs = float_state_bytes(variables)
+    stats = {
+        "subnet_bytes": len(blob),
+        "header_bytes": len(hbytes),
+        "masked_weights": n_masked,
+        "kept_weights": n_kept,
+        "dense_weights": sum(int(np.prod(np.shape(v))) for v in dense.values()),
+        "other_values": sum(int(np.prod(np.shape(v))) for v in other.values()),
+        **fs,
+        "ratio_vs_float32_state": fs["float32_state_bytes"] / len(blob),
+        "ratio_vs_train_state": fs["train_state_bytes"] / len(blob),
+        "bits_per_masked_weight": 8 * len(blob) / max(n_masked, 1),
+        "kept_per_layer": {"/".join(e["path"]): e["kept"] for e in layers if e["kind"] == "masked"},
+    }
+    return blob, stats
+
+
+def save_subnet(path, *, model_name: str, model_options: dict, variables, keep_fraction=None) -> dict:
+    """Writes the subnetwork of a trained model to `path`; returns sizes and per-layer kept counts.
+
+    variables: the model's full variables ({'params': scores (and learned kernels), 'frozen':
+    random kernels, 'batch_stats': ...}). keep_fraction: the k of the mask (default: the one in
+    model_options, else the models' default 0.5).
+    """
+    blob, stats = _encode(model_name=model_name, model_options=model_options, variables=variables,
+                          keep_fraction=keep_fraction)
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=SUFFIX, dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(blob)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    stats["path"] = path
+    return stats
+
+
+@dataclasses.dataclass(frozen=True)
+class SubnetFile:
+    """A parsed subnet file: header fields and the decoded arrays."""
+
+    model_name: str
+    model_options: dict
+    keep_fraction: float
+    mask: str
+    layers: list
+    extra: list
+    arrays: list  # numpy arrays, in header order
+
+
+def read_subnet(path) -> SubnetFile:
+    """Parses and verifies a subnet file (magic, version, lengths, both checksums)."""
+    path = os.fspath(path)
+    with open(path, "rb") as f:
+        data = f.read()
+    return parse_subnet(data, source=path)
+
+
+def parse_subnet(data: bytes, source: str = "<bytes>") -> SubnetFile:
+    if len(data) < _PREFIX.size:
+        if not MAGIC.startswith(data[: len(MAGIC)]):
+            raise ValueError(f"{source}: not a subnet file (bad magic)")
+        raise ValueError(f"{source}: truncated subnet file ({len(data)} bytes, the fixed prefix alone is "
+                         f"{_PREFIX.size})")
+    magic, version, hlen, hsha = _PREFIX.unpack_from(data)
+    if magic != MAGIC:
+        raise ValueError(f"{source}: not a subnet file (bad magic {magic!r}, expected {MAGIC!r})")
+    if version != FORMAT_VERSION:
+        raise ValueError(f"{source}: subnet file has format version {version}, this reader supports "
+                         f"{FORMAT_VERSION}")
+    start = _PREFIX.size
+    if len(data) < start + hlen:
+        raise ValueError(f"{source}: truncated subnet file (header needs {hlen} bytes, "
+                         f"{len(data) - start} present)")
+    hbytes = data[start:start + hlen]
+    if hashlib.sha256(hbytes).digest() != hsha:
+        raise ValueError(f"{source}: corrupt subnet file (header checksum mismatch)")
+    try:
+        header = json.loads(hbytes.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{source}: corrupt subnet file (header is not JSON: {e})") from None
+    payload = data[start + hlen:]
+    want = int(header["payload_bytes"])
+    if len(payload) < want:
+        raise ValueError(f"{source}: truncated subnet file (payload has {len(payload)} of {want} bytes)")
+    if len(payload) > want:
+        raise ValueError(f"{source}: corrupt subnet file ({len(payload) - want} unexpected trailing bytes)")
+    if hashlib.sha256(payload).hexdigest() != header["payload_sha256"]:
+        raise ValueError(f"{source}: corrupt subnet file (payload checksum mismatch)")
+    arrays = []
+    for a in header["arrays"]:
+        buf = payload[a["offset"]:a["offset"] + a["nbytes"]]
+        arrays.append(np.frombuffer(buf, dtype=np.dtype(a["dtype"])).reshape(a["shape"]).copy())
+    return SubnetFile(header["model_name"], header["model_options"], header["keep_fraction"],
+                      header["mask"], header["layers"], header["extra"], arrays)
+
+
+def _decode_layer(entry, arrays) -> np.ndarray:
+    if entry["kind"] == "dense":
+        return arrays[entry["kernel"]]
+    packed = {"shape": entry["shape"], "kept": entry["kept"], "encoding": entry["encoding"],
+              "mask_bits": arrays[entry["mask_bits"]]}
+    if entry["encoding"] == ENC_VALUES:
+        packed["values"] = arrays[entry["values"]]
+    else:
+        packed["value"] = np.float32(float.fromhex(entry["value"]))
+        if entry["encoding"] == ENC_SIGN_SCALE:
+            packed["sign_bits"] = arrays[entry["sign_bits"]]
+    return unpack_layer(packed)
+
+
+def subnet_masks(path) -> dict[str, np.ndarray]:
+    """The 0/1 masks stored in a subnet file, by '/'-joined layer path (bool arrays)."""
+    sf = read_subnet(path)
+    out = {}
+    for e in sf.layers:
+        if e["kind"] == "masked":
+            n = int(np.prod(e["shape"], dtype=np.int64))
+            out["/".join(e["path"])] = np.unpackbits(sf.arrays[e["mask_bits"]], count=n).astype(bool).reshape(
+                e["shape"])
+    return out
+
+
+LOAD_FORMS = ("auto", "dense", "masked")
+
+
+def _has_batchnorm(sf: SubnetFile) -> bool:
+    return any(e["path"][0] == "batch_stats" for e in sf.extra)
+
+
+def load_subnet(path, *, expect_model: str | None = None, expect_options: dict | None = None,
+                form: str = "auto"):
+    """Reads a subnet file; returns (model, variables) ready for model.apply(variables, x).
+
+    form="dense": model = get_model(name, **options, mask="dense"): every layer a plain
+      learned-kernel layer with kernel W * mask. ResNets then have affine BN, filled with scale 1
+      and bias 0 where the trained BN was non-affine: exact op by op (eager apply gives the
+      trained model's eager logits bit for bit), but under jax.jit XLA fuses the extra
+      multiply/add differently than the non-affine graph (last-bit differences).
+    form="masked": model = get_model(name, **options) (the trained mask mode), kernels W * mask
+      in `frozen` and 0/1 indicator scores that select exactly the stored mask: the trained
+      model's own program, so eager and jitted logits match the original bit for bit.
+    form="auto" (default): "dense" when that is the identical program (no non-affine BN:
+      conv nets, FC, the dense baseline), otherwise "masked".
+    expect_model / expect_options: raise ValueError unless the file holds that architecture.
+    Raises ValueError for a truncated, corrupt or foreign file or another format version.
+    """
+    from edgepopup_jax.models import get_model
+
+    if form not in LOAD_FORMS:
+        raise ValueError(f"form must be one of {LOAD_FORMS}, got {form!r}")
+    sf = read_subnet(path)
+    if expect_model is not None and sf.model_name != expect_model:
+        raise ValueError(f"{os.fspath(path)}: architecture mismatch: the file holds {sf.model_name!r}, "
+                         f"expected {expect_model!r}")
+    if expect_options:
+        want = _json_options(expect_options)
+        diff = {k: (sf.model_options.get(k), v) for k, v in want.items() if sf.model_options.get(k) != v}
+        if diff:
+            raise ValueError(f"{os.fspath(path)}: architecture mismatch in options "
+                             + ", ".join(f"{k}: file {a!r}, expected {b!r}" for k, (a, b) in diff.items()))
+    if form == "auto":
+        form = "masked" if (_has_batchnorm(sf) and sf.mask != "dense") else "dense"
+
+    flat: dict[tuple[str, ...], Any] = {}
+    if form == "dense":
+        model = get_model(sf.model_name, **inference_options(sf.model_options))
+        for e in sf.layers:
+            flat[("params",) + tuple(e["path"]) + ("kernel",)] = jnp.asarray(_decode_layer(e, sf.arrays))
+    else:
+        model = get_model(sf.model_name, **sf.model_options)
+        for e in sf.layers:
+            kernel = _decode_layer(e, sf.arrays)
+            layer = tuple(e["path"])
+            if e["kind"] == "dense":
+                flat[("params",) + layer + ("kernel",)] = jnp.asarray(kernel)
+                continue
+            n = int(np.prod(e["shape"], dtype=np.int64))
+            m = np.unpackbits(sf.arrays[e["mask_bits"]], count=n).astype(bool).reshape(e["shape"])
+            if sf.mask == "edge_popup" and e["kept"] != masking.kept_count(n, sf.keep_fraction):
+                raise ValueError(f"{os.fspath(path)}: layer {'/'.join(layer)} keeps {e['kept']} of {n} "
+                                 f"weights, not kept_count(n, {sf.keep_fraction}); load it with form='dense'")
+            # |S| in {0, 1}: the top-k picks exactly the ones; sigmoid(+-1) thresholds the same.
+            off = 0.0 if sf.mask == "edge_popup" else -1.0
+            flat[("params",) + layer + ("scores",)] = jnp.asarray(np.where(m, 1.0, off).astype(np.float32))
+            flat[("frozen",) + layer + ("kernel",)] = jnp.asarray(kernel)
+    for e in sf.extra:
+        flat[tuple(e["path"])] = jnp.asarray(sf.arrays[e["array"]])
+    if form == "dense" and sf.mask != "dense":
+        # Non-affine BN in the trained model -> affine BN with identity scale/shift.
+        for key, v in list(flat.items()):
+            if key[0] == "batch_stats" and key[-1] == "mean":
+                layer = ("params",) + key[1:-1]
+                flat.setdefault(layer + ("scale",), jnp.ones(v.shape, jnp.float32))
+                flat.setdefault(layer + ("bias",), jnp.zeros(v.shape, jnp.float32))
+    variables = flax.traverse_util.unflatten_dict(flat)
+    return model, variables
+
+
+__all__ = ["FORMAT_VERSION", "MAGIC", "save_subnet", "load_subnet", "read_subnet", "parse_subnet",
+           "subnet_masks", "size_report", "float_state_bytes", "pack_layer", "unpack_layer",
+           "layer_mask", "layer_masks", "inference_options", "SubnetFile", "LOAD_FORMS"]
