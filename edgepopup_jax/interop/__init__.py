@@ -1,0 +1,1 @@
+"""Importers of checkpoints from other implementations (torch is optional, imported lazily)."""
