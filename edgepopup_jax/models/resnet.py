@@ -68,6 +68,7 @@ class ResNet(MaskedModel):
     block: str = "basic"
     cifar_stem: bool = False
     width_multiplier: int = 1
+    width: float = 1.0  # scales every layer's channels (stem, stages); 1.0 is the paper's
     bn_momentum: float = 0.9
 
     @nn.compact
@@ -84,16 +85,17 @@ class ResNet(MaskedModel):
                               **self.layer_options(role))
 
         x = x.astype(self.dtype)
+        stem = max(1, int(64 * self.width))
         if self.cifar_stem:
-            x = conv(64, (3, 3), name="stem_conv", role="first")(x, train)
+            x = conv(stem, (3, 3), name="stem_conv", role="first")(x, train)
             x = nn.relu(norm("stem_bn")(x))
         else:
-            x = conv(64, (7, 7), strides=2, name="stem_conv", role="first",
+            x = conv(stem, (7, 7), strides=2, name="stem_conv", role="first",
                      padding=[(3, 3), (3, 3)])(x, train)
             x = nn.relu(norm("stem_bn")(x))
             x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=[(1, 1), (1, 1)])
         for i, size in enumerate(self.stage_sizes):
-            filters = 64 * 2**i
+            filters = max(1, int(64 * 2**i * self.width))
             for j in range(size):
                 x = block_cls(filters=filters, strides=2 if i > 0 and j == 0 else 1,
                               inner_width=filters * self.width_multiplier, conv=conv,

@@ -1,0 +1,198 @@
+"""The trainer end to end on the embedded MNIST-5k default: accuracy, devices, resume, errors."""
+import hashlib
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from configs import default  # noqa: E402
+from edgepopup_jax import checkpoint as ckpt_lib  # noqa: E402
+from edgepopup_jax import train  # noqa: E402
+
+
+def small_config(**overrides):
+    c = default.get_config()
+    c.num_train_steps = 8
+    c.log_every_steps = 1
+    c.eval_every_steps = 1000
+    c.checkpoint_every_steps = 1000
+    c.batch_size = 32
+    c.eval_batch_size = 200
+    for key, value in overrides.items():
+        node = c
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return c
+
+
+def one_device():
+    return jax.devices()[:1]
+
+
+def losses(results):
+    return np.array([h["loss"] for h in results["train_history"]])
+
+
+def dir_digest(path):
+    """Hash of every file's path and bytes under path: equal digests mean an untouched tree."""
+    h = hashlib.sha256()
+    for f in sorted(pathlib.Path(path).rglob("*")):
+        if f.is_file():
+            h.update(str(f.relative_to(path)).encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def test_default_config_learns_mnist5k(tmp_path):
+    c = default.get_config()
+    c.num_epochs = 3
+    results = train.train_and_evaluate(c, str(tmp_path), devices=one_device())
+    assert results["eval"]["count"] == 1000
+    assert results["eval"]["top1"] > 0.85, results["eval"]
+    assert results["weights_kept"] == 133_100 and results["weights_total"] == 266_200
+    saved = (tmp_path / "results.json").read_text()
+    assert '"top1"' in saved and "frozen_sha256" in saved
+    assert list((tmp_path).glob("events.out.tfevents.*")), "no TensorBoard event file"
+
+
+def test_one_device_and_eight_devices_give_the_same_losses(tmp_path):
+    assert len(jax.devices()) == 8, "conftest sets 8 CPU devices"
+    # A (narrow) ResNet has BatchNorm: its statistics must be over the global batch, so even the
+    # first loss would differ if each device normalised its own 2 examples.
+    c = small_config(**{"model.name": "cifar_resnet18", "model.width": 0.125, "num_train_steps": 4,
+                        "batch_size": 16, "optim.learning_rate": 0.01})
+    one = train.train_and_evaluate(c, str(tmp_path / "one"), devices=one_device())
+    eight = train.train_and_evaluate(c, str(tmp_path / "eight"))
+    assert eight["num_devices"] == 8 and one["num_devices"] == 1
+    assert one["frozen_sha256"] == eight["frozen_sha256"]
+    np.testing.assert_allclose(losses(one)[0], losses(eight)[0], rtol=1e-6)
+    # Later steps: float reassociation across devices can flip a few near-threshold mask entries,
+    # so the runs agree to float tolerance, not bit for bit.
+    np.testing.assert_allclose(losses(one), losses(eight), rtol=1e-4)
+    np.testing.assert_allclose(one["eval"]["loss"], eight["eval"]["loss"], rtol=1e-3)
+
+
+def test_resumed_run_ends_in_exactly_the_uninterrupted_state(tmp_path):
+    c = small_config(**{"num_train_steps": 10, "checkpoint_every_steps": 4})
+    straight = train.train_and_evaluate(c, str(tmp_path / "straight"), devices=one_device())
+    part = train.train_and_evaluate(c, str(tmp_path / "resumed"), devices=one_device(),
+                                    stop_after_steps=5)
+    assert part["preempted"] and part["step"] == 5
+    rest = train.train_and_evaluate(c, str(tmp_path / "resumed"), devices=one_device())
+    assert rest["step"] == 10 and [h["step"] for h in rest["train_history"]] == list(range(6, 11))
+    assert rest["state_sha256"] == straight["state_sha256"]
+    np.testing.assert_array_equal(losses(rest), losses(straight)[5:])
+    assert rest["eval"] == straight["eval"]
+
+
+def test_frozen_weights_do_not_change_and_kept_counts_are_exact(tmp_path):
+    c = small_config(**{"model.keep_fraction": 0.3})
+    results = train.train_and_evaluate(c, str(tmp_path), devices=one_device())
+    for layer in results["layers"]:
+        assert layer["kept"] == layer["total"] - int(0.7 * layer["total"])
+    # The saved final state: frozen bit-identical to a fresh init from the seed, scores moved.
+    model = train.build_model(c, 10)
+    tx = train.optim.make_optimizer(c.optim, lambda step: 0.1)
+    fresh = train.create_state(model, tx, (28, 28, 1), c.seed)
+    final, _ = ckpt_lib.Checkpointer(str(tmp_path / "checkpoints")).restore(fresh, {})
+    assert int(final.step) == 8
+    for a, b in zip(jax.tree.leaves(fresh.frozen), jax.tree.leaves(final.frozen)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert train.tree_hash(final.frozen) == results["frozen_sha256"]
+    moved = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(fresh.params),
+                                                        jax.tree.leaves(final.params))]
+    assert all(moved)
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"data.name": "no_such_dataset"}, "no_such_dataset"),
+    ({"model.name": "conv5"}, "conv5"),
+    ({"data.name": "folder", "data.data_dir": None}, "data_dir"),
+    ({"model.keep_fraction": 1.5}, "(0, 1]"),
+    ({"model.weight_init": "he_normal"}, "he_normal"),
+    ({"optim.name": "lamb"}, "lamb"),
+])
+def test_bad_config_fails_before_writing(tmp_path, override, message):
+    c = small_config(**override)
+    with pytest.raises(ValueError, match=None) as e:
+        train.train_and_evaluate(c, str(tmp_path / "run"), devices=one_device())
+    assert message in str(e.value)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def _trained_workdir(tmp_path, **overrides):
+    workdir = tmp_path / "run"
+    c = small_config(**{"num_train_steps": 4, "checkpoint_every_steps": 2, **overrides})
+    train.train_and_evaluate(c, str(workdir), devices=one_device())
+    return c, workdir
+
+
+def test_incompatible_checkpoint_is_refused_and_left_untouched(tmp_path):
+    c, workdir = _trained_workdir(tmp_path)
+    before = dir_digest(workdir / "checkpoints")
+    other = small_config(**{"num_train_steps": 6, "model.keep_fraction": 0.3})
+    with pytest.raises(ckpt_lib.CheckpointError, match="keep_fraction"):
+        train.train_and_evaluate(other, str(workdir), devices=one_device())
+    assert dir_digest(workdir / "checkpoints") == before
+
+
+def test_corrupt_checkpoint_is_refused_and_left_untouched(tmp_path):
+    c, workdir = _trained_workdir(tmp_path)
+    latest = max((workdir / "checkpoints").iterdir(), key=lambda p: int(p.name) if p.name.isdigit() else -1)
+    for f in (latest / "state").rglob("*"):
+        if f.is_file() and f.stat().st_size > 1000:
+            f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])  # truncate the array data
+    before = dir_digest(workdir / "checkpoints")
+    c.num_train_steps = 6
+    with pytest.raises(ckpt_lib.CheckpointError, match="checkpoint 4"):
+        train.train_and_evaluate(c, str(workdir), devices=one_device())
+    assert dir_digest(workdir / "checkpoints") == before
+
+
+def _main(args, **kwargs):
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    return subprocess.Popen([sys.executable, str(ROOT / "main.py"), *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def test_override_of_a_missing_key_fails_with_a_clear_message(tmp_path):
+    p = _main(["--config=configs/default.py", f"--workdir={tmp_path}", "--config.model.no_such_key=3"])
+    out, _ = p.communicate(timeout=120)
+    assert p.returncode != 0
+    assert "no_such_key" in out
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_sigterm_saves_a_restorable_checkpoint_and_exits_cleanly(tmp_path):
+    p = _main(["--config=configs/default.py", f"--workdir={tmp_path}", "--config.log_every_steps=5",
+               "--config.num_epochs=50"])
+    lines = []
+    for line in p.stdout:
+        lines.append(line)
+        if "step 20/" in line:
+            p.send_signal(signal.SIGTERM)
+            break
+    out = "".join(lines) + p.communicate(timeout=120)[0]
+    assert p.returncode == 0, out
+    assert "SIGTERM" in out
+    saved = ckpt_lib.Checkpointer(str(tmp_path / "checkpoints")).latest_step()
+    assert saved is not None and saved >= 20
+    c = default.get_config()
+    c.num_epochs = 50
+    c.num_train_steps = saved + 2
+    c.log_every_steps = 1
+    # same config as the killed run except the length: the schedule changes, the checkpoint fits
+    resumed = train.train_and_evaluate(c, str(tmp_path), devices=one_device())
+    assert [h["step"] for h in resumed["train_history"]] == [saved + 1, saved + 2]
+    shutil.rmtree(tmp_path)
