@@ -6,11 +6,12 @@ and the kept weights (for constant-magnitude inits: 1 sign bit per kept weight p
 magnitude; otherwise the kept float32 values in mask order). Learned kernels (mask="dense",
 dense_first / dense_last) and BN state are stored whole.
 
-`load_subnet` returns `(model, variables)`: the same architecture built with mask="dense" (every
-layer a plain learned-kernel layer) and variables whose kernels are W * mask, so
-`model.apply(variables, x)` (ResNets: train=False, the default) gives the trained model's
-eval-mode outputs bit for bit. Non-affine BN layers become affine BN with scale 1 and bias 0,
-which is exact in floating point ((x - m) * (r * 1) + 0 == (x - m) * r).
+`load_subnet` returns `(model, variables)` for `model.apply(variables, x)` (ResNets: train=False,
+the default), reproducing the trained model's eval logits bit for bit: form="dense" builds the
+architecture with mask="dense" (plain kernels W * mask; non-affine BN becomes affine BN with
+scale 1 / bias 0); form="masked" keeps the trained mask mode with indicator scores (the same
+XLA program as the original, so jitted logits match too); form="auto" picks "dense" where that
+is the same program (no non-affine BN) and "masked" otherwise.
 
 File layout (all integers little-endian):
 

@@ -1,0 +1,148 @@
+"""Flax NNX versions of SubnetDense / SubnetConv, on the same masking and init functions.
+
+The random weights live in a `FrozenWeight` variable (attribute `kernel`), a subclass of
+nnx.Variable that is NOT an nnx.Param, so `nnx.Optimizer(model, tx, wrt=nnx.Param)` and
+`nnx.grad(..., argnums=nnx.DiffState(0, nnx.Param))` never see them; the scores are the only
+nnx.Param (mask="dense": a learned nnx.Param `kernel` and no scores). Shapes and layouts are the
+Linen layers' (Dense (in, out), Conv (*window, in/groups, out)), so variables copy over 1:1:
+Linen frozen/kernel <-> `.kernel`, Linen params/scores <-> `.scores`.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from edgepopup_jax import inits, masking
+from edgepopup_jax.layers import _padding, _tuple, check_mask_mode
+
+
+class FrozenWeight(nnx.Variable):
+    """Frozen random weights: a Variable type no nnx.Param filter matches."""
+
+
+class _SubnetLayer(nnx.Module):
+    def _init_kernel(self, shape, fan_in, fan_out, *, keep_fraction, weight_init, weight_init_mode,
+                     scale_by_keep_fraction, mask, supermask_eval, score_init, param_dtype, rngs):
+        check_mask_mode(mask)
+        self.keep_fraction = masking.check_keep_fraction(keep_fraction)
+        inits.check_weight_init(weight_init)
+        inits.check_fan_mode(weight_init_mode)
+        if supermask_eval not in masking.SUPERMASK_EVAL_MODES:
+            raise ValueError(f"unknown supermask_eval {supermask_eval!r}; "
+                             f"allowed: {', '.join(masking.SUPERMASK_EVAL_MODES)}")
+        self.mask = mask
+        self.supermask_eval = supermask_eval
+        init = inits.weight_init(weight_init, fan_in=fan_in, fan_out=fan_out, mode=weight_init_mode,
+                                 keep_fraction=self.keep_fraction if scale_by_keep_fraction else None)
+        if mask == "dense":
+            self.kernel = nnx.Param(init(rngs.params(), shape, param_dtype))
+            self.scores = None
+        else:
+            self.kernel = FrozenWeight(init(rngs.params(), shape, param_dtype))
+            self.scores = nnx.Param((score_init or inits.score_init(fan_in=fan_in))(
+                rngs.params(), shape, param_dtype))
+
+    def masked_kernel(self, train: bool = False, rngs: nnx.Rngs | None = None):
+        """W * mask(S) (mask='dense': the learned kernel)."""
+        if self.mask == "dense":
+            return self.kernel[...]
+        scores = self.scores[...]
+        if self.mask == "edge_popup":
+            m = masking.topk_mask(scores, self.keep_fraction)
+        else:
+            sampling = train or self.supermask_eval == "sample"
+            if sampling and rngs is None:
+                raise ValueError("supermask sampling needs rngs: call layer(x, train=True, rngs=nnx.Rngs(mask=...))")
+            m = masking.supermask(scores, rng=rngs.mask() if sampling else None, train=train,
+                                  eval_mode=self.supermask_eval)
+        return self.kernel[...] * m
+
+    def kept(self) -> int:
+        """How many weights the current mask keeps."""
+        if self.mask == "dense":
+            return int(np.prod(self.kernel[...].shape))
+        if self.mask == "supermask":
+            return int(jnp.sum(self.scores[...] > 0))
+        return int(jnp.sum(masking.topk_mask_forward(self.scores[...], self.keep_fraction)))
+
+
+class SubnetDense(_SubnetLayer):
+    """y = x @ (W * mask(S)); W frozen (FrozenWeight), S learned (nnx.Param)."""
+
+    def __init__(self, in_features: int, out_features: int, *, keep_fraction: float = 0.5,
+                 weight_init: str = "kaiming_normal", weight_init_mode: str = "fan_in",
+                 scale_by_keep_fraction: bool = False, mask: str = "edge_popup",
+                 supermask_eval: str = "threshold", score_init: Callable | None = None,
+                 dtype: Any = None, param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
+        if in_features <= 0 or out_features <= 0:
+            raise ValueError(f"SubnetDense needs positive features, got {in_features}, {out_features}")
+        self.in_features, self.out_features, self.dtype = in_features, out_features, dtype
+        self._init_kernel((in_features, out_features), in_features, out_features,
+                          keep_fraction=keep_fraction, weight_init=weight_init,
+                          weight_init_mode=weight_init_mode,
+                          scale_by_keep_fraction=scale_by_keep_fraction, mask=mask,
+                          supermask_eval=supermask_eval, score_init=score_init,
+                          param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x, train: bool = False, rngs: nnx.Rngs | None = None):
+        kernel = self.masked_kernel(train, rngs)
+        dtype = self.dtype or jnp.result_type(x.dtype, kernel.dtype)
+        return jnp.dot(x.astype(dtype), kernel.astype(dtype))
+
+
+class SubnetConv(_SubnetLayer):
+    """A channels-last convolution with kernel W * mask(S); arguments as nnx.Conv."""
+
+    def __init__(self, in_features: int, out_features: int, kernel_size: int | Sequence[int] = 3,
+                 strides: int | Sequence[int] = 1, padding: str | int | Sequence = "SAME",
+                 input_dilation: int | Sequence[int] = 1, kernel_dilation: int | Sequence[int] = 1,
+                 feature_group_count: int = 1, *, keep_fraction: float = 0.5,
+                 weight_init: str = "kaiming_normal", weight_init_mode: str = "fan_in",
+                 scale_by_keep_fraction: bool = False, mask: str = "edge_popup",
+                 supermask_eval: str = "threshold", score_init: Callable | None = None,
+                 dtype: Any = None, param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
+        if in_features <= 0 or out_features <= 0:
+            raise ValueError(f"SubnetConv needs positive features, got {in_features}, {out_features}")
+        if in_features % feature_group_count or out_features % feature_group_count:
+            raise ValueError(f"feature_group_count={feature_group_count} must divide the input "
+                             f"({in_features}) and output ({out_features}) features")
+        n = 2 if isinstance(kernel_size, int) else len(tuple(kernel_size))
+        if not 1 <= n <= 3:
+            raise ValueError(f"SubnetConv supports 1 to 3 spatial dimensions, got {n}")
+        self.window = _tuple(kernel_size, n, "kernel_size")
+        self.strides = _tuple(strides, n, "strides")
+        self.padding = _padding(padding, n)
+        self.input_dilation = _tuple(input_dilation, n, "input_dilation")
+        self.kernel_dilation = _tuple(kernel_dilation, n, "kernel_dilation")
+        self.feature_group_count = feature_group_count
+        self.in_features, self.out_features, self.dtype = in_features, out_features, dtype
+        shape = self.window + (in_features // feature_group_count, out_features)
+        receptive = int(np.prod(self.window))
+        self._init_kernel(shape, receptive * shape[-2], receptive * out_features,
+                          keep_fraction=keep_fraction, weight_init=weight_init,
+                          weight_init_mode=weight_init_mode,
+                          scale_by_keep_fraction=scale_by_keep_fraction, mask=mask,
+                          supermask_eval=supermask_eval, score_init=score_init,
+                          param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x, train: bool = False, rngs: nnx.Rngs | None = None):
+        kernel = self.masked_kernel(train, rngs)
+        n = len(self.window)
+        batch_shape = x.shape[:-(n + 1)]
+        x = x.reshape((-1,) + x.shape[-(n + 1):])
+        dtype = self.dtype or jnp.result_type(x.dtype, kernel.dtype)
+        spatial = "HWD"[:n]
+        dims = jax.lax.conv_dimension_numbers(
+            x.shape, kernel.shape, ("N" + spatial + "C", spatial + "IO", "N" + spatial + "C"))
+        y = jax.lax.conv_general_dilated(
+            x.astype(dtype), kernel.astype(dtype), window_strides=self.strides, padding=self.padding,
+            lhs_dilation=self.input_dilation, rhs_dilation=self.kernel_dilation,
+            dimension_numbers=dims, feature_group_count=self.feature_group_count)
+        return y.reshape(batch_shape + y.shape[1:])
+
+
+__all__ = ["FrozenWeight", "SubnetDense", "SubnetConv"]
