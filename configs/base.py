@@ -54,7 +54,7 @@ def get_base() -> ml_collections.ConfigDict:
 
     c.batch_size = 128  # global, over all devices and processes
     c.eval_batch_size = 500
-    c.num_epochs = 100
+    c.num_epochs = 100.0  # float: fractions of an epoch are fine
     c.num_train_steps = -1  # > 0 overrides num_epochs
     c.log_every_steps = 50
     c.eval_every_steps = 0  # 0: once per epoch

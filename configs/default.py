@@ -18,7 +18,7 @@ def get_config():
     c.data.shuffle_buffer = 4000
     c.batch_size = 64
     c.eval_batch_size = 500
-    c.num_epochs = 20
+    c.num_epochs = 20.0
     c.log_every_steps = 100
     c.optim.learning_rate = 0.1
     c.optim.weight_decay = 1e-4

@@ -36,7 +36,7 @@ def get_config(arch: str = "resnet50"):
     c.optim.label_smoothing = 0.1
     c.batch_size = 256
     c.eval_batch_size = 1000
-    c.num_epochs = 100
+    c.num_epochs = 100.0
     c.log_every_steps = 100
     c.checkpoint_every_steps = 2000
     return c

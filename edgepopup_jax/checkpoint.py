@@ -58,6 +58,20 @@ class Checkpointer:
                                   f"({type(e).__name__}: {e})") from e
         return restored, meta
 
+    def restore_raw(self, step: int | None = None):
+        """The saved state as nested dicts of numpy arrays, and its meta; needs no template
+        (for tools such as export that know the model only from the checkpoint's meta)."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise CheckpointError(f"no checkpoint in {self.directory}")
+        try:
+            restored = self.manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointError(f"checkpoint {step} in {self.directory} is unreadable "
+                                  f"({type(e).__name__}: {e})") from e
+        return restored["state"], restored["meta"]
+
     def wait(self):
         self.manager.wait_until_finished()
 

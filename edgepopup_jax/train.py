@@ -80,9 +80,9 @@ def train_step(state: TrainState, batch, *, model, tx, num_classes: int, label_s
     return state, {"loss": loss, "accuracy": accuracy}
 
 
-def eval_step(state: TrainState, batch, *, model, num_classes: int):
+def eval_step(variables, batch, *, model, num_classes: int):
     """Sums over the real (mask = 1) examples of the batch: loss, top-1 and top-5 hits, count."""
-    logits = model.apply(_variables(state), batch["image"], train=False)
+    logits = model.apply(variables, batch["image"], train=False)
     mask = batch["mask"]
     labels = batch["label"]
     top = jax.lax.top_k(logits, min(5, num_classes))[1]
@@ -168,12 +168,20 @@ def _write_json_atomically(path: str, obj) -> None:
     os.replace(tmp, path)
 
 
-def evaluate(state, jitted_eval, config, mesh) -> dict:
+def make_eval_fn(model, num_classes: int, mesh):
+    """eval_step jitted over the mesh: variables replicated, batch sharded."""
+    return jax.jit(functools.partial(eval_step, model=model, num_classes=num_classes),
+                   in_shardings=(sharding.replicated(mesh), sharding.batch_sharded(mesh)),
+                   out_shardings=sharding.replicated(mesh))
+
+
+def evaluate(variables, jitted_eval, config, mesh) -> dict:
+    """Top-1, top-5 and loss over the whole eval split (every example exactly once)."""
     totals = None
     batch_size = config.get("eval_batch_size") or config.batch_size
     local = sharding.local_batch_size(batch_size, mesh)
     for batch in input_pipeline.eval_iterator(config.data, batch_size=local):
-        sums = jitted_eval(state, sharding.to_global(batch, mesh))
+        sums = jitted_eval(variables, sharding.to_global(batch, mesh))
         totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
     totals = jax.device_get(totals)
     count = max(float(totals["count"]), 1.0)
@@ -234,8 +242,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devic
     step_fn = jax.jit(functools.partial(train_step, model=model, tx=tx, num_classes=info.num_classes,
                                         label_smoothing=config.optim.get("label_smoothing", 0.0)),
                       in_shardings=(repl, data_sharded), out_shardings=(repl, repl), donate_argnums=0)
-    eval_fn = jax.jit(functools.partial(eval_step, model=model, num_classes=info.num_classes),
-                      in_shardings=(repl, data_sharded), out_shardings=repl)
+    eval_fn = make_eval_fn(model, info.num_classes, mesh)
 
     writer = _Writer(workdir)
     start_step = int(state.step)
@@ -246,7 +253,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devic
                  config.batch_size, mesh.devices.size, jax.process_count())
 
     t_start = time.time()
-    pending, last_eval, preempted, history = [], None, False, []
+    pending, last_eval, preempted, history, eval_history = [], None, False, [], []
     t_log, steps_since_log, throughput = time.time(), 0, []
     step = start_step
     with _Preemption() as preemption:
@@ -273,7 +280,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devic
                 writer.scalars(step, {"train/loss": values["loss"], "train/accuracy": values["accuracy"],
                                       "train/learning_rate": lr, "train/images_per_sec": images_per_sec})
             if step % eval_every == 0 or step == total_steps:
-                last_eval = evaluate(state, eval_fn, config, mesh)
+                last_eval = evaluate(_variables(state), eval_fn, config, mesh)
+                eval_history.append({"step": step, "epoch": step / steps_per_epoch, **last_eval})
                 logging.info("eval at step %d: top-1 %.4f  top-5 %.4f  loss %.4f (%d examples)",
                              step, last_eval["top1"], last_eval["top5"], last_eval["loss"],
                              last_eval["count"])
@@ -300,6 +308,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devic
         "state_sha256": tree_hash({"params": state.params, "batch_stats": state.batch_stats,
                                    "opt_state": flax.serialization.to_state_dict(state.opt_state)}),
         "train_history": history,
+        "eval_history": eval_history,
         "layers": [dict(name=r.name, shape=list(r.shape), total=r.total, kept=r.kept, mode=r.mode)
                    for r in rows],
         "weights_total": sum(r.total for r in rows), "weights_kept": sum(r.kept for r in rows),

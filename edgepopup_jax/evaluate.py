@@ -1,0 +1,88 @@
+"""Evaluates a subnet file or a training checkpoint on a config's eval split.
+
+  python -m edgepopup_jax.evaluate --subnet=conv4.subnet --config=configs/cifar10_conv4.py
+  python -m edgepopup_jax.evaluate --workdir=runs/conv4 --config=configs/cifar10_conv4.py
+
+Prints a per-layer table of kept weights and top-1 / top-5 over the whole eval split, computed
+by the trainer's own eval step (so the numbers are the ones the trainer reported).
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+
+
+def _define_flags():  # only when run as a program, so importing this module defines no flags
+    config_flags.DEFINE_config_file("config", None, "Config file whose `data` section names the dataset.")
+    flags.DEFINE_string("subnet", None, "A .subnet file (from export or interop).")
+    flags.DEFINE_string("workdir", None, "Or: a training run's workdir (its latest checkpoint).")
+
+
+def load(subnet_path: str | None = None, workdir: str | None = None):
+    """(model, variables, per-layer stats) from a subnet file or a training workdir."""
+    from edgepopup_jax import export, masking, subnet, summary
+    from edgepopup_jax.models import get_model
+
+    if (subnet_path is None) == (workdir is None):
+        raise ValueError("give exactly one of --subnet and --workdir")
+    if subnet_path is not None:
+        model, variables = subnet.load_subnet(subnet_path)
+        sf = subnet.read_subnet(subnet_path)
+        rows = []
+        for e in sf.layers:
+            total = int(np.prod(e["shape"]))
+            masked = e["kind"] == "masked"
+            rows.append(summary.LayerStats("/".join(e["path"]), tuple(e["shape"]), total,
+                                           e["kept"] if masked else total, sf.mask if masked else "dense"))
+        return model, variables, rows
+    name, options, variables, _ = export.training_variables(workdir)
+    model = get_model(name, **options)
+    keep = options.get("keep_fraction", 0.5)
+    masking.check_keep_fraction(keep)
+    return model, variables, summary.layer_stats(variables, keep, options.get("mask", "edge_popup"))
+
+
+def evaluate(config, subnet_path: str | None = None, workdir: str | None = None, devices=None):
+    """Returns ({top1, top5, loss, count}, per-layer stats)."""
+    import jax
+
+    from edgepopup_jax import input_pipeline, sharding, train
+
+    info = input_pipeline.get_info(config.data)
+    model, variables, rows = load(subnet_path, workdir)
+    if model.num_classes != info.num_classes:
+        raise ValueError(f"the model has {model.num_classes} classes but {config.data.name} has "
+                         f"{info.num_classes}")
+    mesh = sharding.make_mesh(devices)
+    variables = jax.device_put(variables, sharding.replicated(mesh))
+    metrics = train.evaluate(variables, train.make_eval_fn(model, info.num_classes, mesh), config, mesh)
+    return metrics, rows
+
+
+def main(argv):
+    del argv
+    from edgepopup_jax import summary
+
+    if FLAGS.config is None:
+        raise app.UsageError("--config is required (its data section names the eval split)")
+    try:
+        metrics, rows = evaluate(FLAGS.config, FLAGS.subnet, FLAGS.workdir)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(summary.format_table(rows))
+    print(f"\n{FLAGS.config.data.name}:{FLAGS.config.data.eval_split}  top-1 {metrics['top1']:.4f}  "
+          f"top-5 {metrics['top5']:.4f}  loss {metrics['loss']:.4f}  ({metrics['count']} examples)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.getcwd())  # so config files can import configs.base
+    _define_flags()
+    app.run(lambda argv: sys.exit(main(argv)))
