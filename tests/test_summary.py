@@ -41,13 +41,15 @@ def test_layer_stats_conv4(conv4_rows):
 
 
 def test_layer_stats_dense_first_last():
-    v = conv4_variables(dense_first=True, dense_last=True)
-    rows = {r.name: r for r in layer_stats(v, 0.3)}
-    assert set(rows) == set(CONV4_LAYERS)
-    for name in ("conv0", "head"):
-        assert rows[name].mode == "dense" and rows[name].kept == rows[name].total
-    assert rows["fc0"].kept == kept_count(8192 * 256, 0.3)
-    assert [r for r in layer_stats(v, 0.3)][0].name == "conv0"  # still in model order
+    model = get_model("fc", dense_first=True, dense_last=True)
+    abstract = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)))
+    rng = np.random.default_rng(2)
+    v = jax.tree.map(lambda l: jnp.asarray(rng.standard_normal(l.shape, np.float32)), abstract)
+    rows = layer_stats(v, 0.3)
+    assert [r.name for r in rows] == ["fc0", "fc1", "head"]  # model order
+    assert [r.mode for r in rows] == ["dense", "edge_popup", "dense"]
+    assert [r.total for r in rows] == [784 * 300, 300 * 100, 100 * 10]
+    assert [r.kept for r in rows] == [784 * 300, kept_count(30000, 0.3), 1000]
 
 
 def test_layer_stats_supermask():
