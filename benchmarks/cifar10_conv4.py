@@ -16,6 +16,8 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from configs import cifar10  # noqa: E402
+from absl import logging  # noqa: E402
+
 from edgepopup_jax import input_pipeline, train  # noqa: E402
 
 
@@ -53,6 +55,7 @@ def main():
     config.num_epochs = args.epochs
     config.log_every_steps = 50
 
+    logging.set_verbosity(logging.INFO)  # the trainer's progress lines
     pipeline = pipeline_images_per_sec(config)
     results = train.train_and_evaluate(config, args.workdir)
     print(f"\nConv4 edge-popup k={args.keep_fraction} on CIFAR-10 ({config.data.data_dir}), "

@@ -180,8 +180,8 @@ def supermask(scores: jax.Array, *, rng: jax.Array | None, train: bool,
     """Zhou et al.'s supermask: Bernoulli(sigmoid(S)), with a straight-through gradient.
 
     Training samples a fresh mask from `rng` every call; the gradient flows through sigmoid(S)
-    as if the sample were its expectation. At eval, eval_mode picks sigmoid(S) > 0.5
-    ("threshold"), sigmoid(S) itself ("expectation") or a sample ("sample", needs rng).
+    as if the sample were its expectation. At eval, eval_mode picks S > 0, i.e. sigmoid(S) > 0.5
+    computed exactly ("threshold"), sigmoid(S) itself ("expectation") or a sample ("sample", needs rng).
     """
     if eval_mode not in SUPERMASK_EVAL_MODES:
         raise ValueError(f"supermask eval_mode must be one of {SUPERMASK_EVAL_MODES}, got {eval_mode!r}")
@@ -192,7 +192,7 @@ def supermask(scores: jax.Array, *, rng: jax.Array | None, train: bool,
         sample = jax.random.bernoulli(rng, p).astype(p.dtype)
         mask = p + jax.lax.stop_gradient(sample - p)
     elif eval_mode == "threshold":
-        mask = (p > 0.5).astype(p.dtype)
+        mask = (scores > 0).astype(p.dtype)  # not p > 0.5: sigmoid rounds to 0.5 for tiny S
     else:
         mask = p
     return mask.astype(scores.dtype)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import flax
 import jax
@@ -20,18 +21,21 @@ class LayerStats:
     mode: str  # "edge_popup", "supermask" (kept: sigmoid(S) > 0.5) or "dense"
 
 
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _count_kept(scores: dict, keep_fraction: float, mask: str) -> dict:
+    if mask == "supermask":
+        return jax.tree.map(lambda s: jnp.sum(s > 0, dtype=jnp.int32), scores)
+    return jax.tree.map(lambda s: jnp.sum(masking.topk_mask_forward(s, keep_fraction), dtype=jnp.int32),
+                        scores)
+
+
 def layer_stats(variables, keep_fraction: float, mask: str = "edge_popup") -> list[LayerStats]:
     """Counts each layer's weights and the weights its current mask keeps (counted from the mask)."""
     params = flax.traverse_util.flatten_dict(flax.core.unfreeze(variables["params"]), sep="/")
     scores = {k[: -len("/scores")]: v for k, v in params.items() if k.endswith("/scores")}
     dense = {k[: -len("/kernel")]: v for k, v in params.items() if k.endswith("/kernel")}
 
-    def count_kept(s):
-        if mask == "supermask":
-            return jnp.sum(s > 0)
-        return jnp.sum(masking.topk_mask_forward(s, keep_fraction), dtype=jnp.int32)
-
-    kept = jax.device_get(jax.jit(lambda t: jax.tree.map(count_kept, t))(scores))
+    kept = jax.device_get(_count_kept(scores, keep_fraction, mask))
     rows = [LayerStats(name, tuple(s.shape), int(np.prod(s.shape)), int(kept[name]), mask)
             for name, s in scores.items()]
     rows += [LayerStats(name, tuple(k.shape), int(np.prod(k.shape)), int(np.prod(k.shape)), "dense")

@@ -286,9 +286,6 @@ def test_supermask_eval_modes():
     assert set(np.unique(np.asarray(smp))) <= {0.0, 1.0}
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: 'threshold' eval uses sigmoid(S) > 0.5 in float32, which is "
-                   "False for tiny positive S (sigmoid rounds to 0.5), while summary.layer_stats counts "
-                   "supermask kept weights as S > 0; the two disagree for 0 < S < ~3e-8")
 def test_supermask_threshold_equals_positive_scores_for_tiny_scores():
     s = jnp.array([1e-9, 1e-30, -1e-9, 1e-7])
     np.testing.assert_array_equal(np.asarray(supermask(s, rng=None, train=False)),
