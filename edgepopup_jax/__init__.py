@@ -3,13 +3,15 @@
 Find a subnetwork of a randomly weighted network by learning a score per weight and keeping
 the top keep_fraction of weights by |score| in every layer; the weights never train.
 """
-from edgepopup_jax import inits, layers, masking, models, summary
+from edgepopup_jax import inits, layers, masking, models, nnx_layers, subnet, summary
 from edgepopup_jax.layers import NonAffineBatchNorm, SubnetConv, SubnetDense
 from edgepopup_jax.masking import kept_count, supermask, topk_mask
 from edgepopup_jax.models import get_model
+from edgepopup_jax.subnet import load_subnet, read_subnet, save_subnet, size_report
 from edgepopup_jax.summary import format_table, layer_stats
 
 __version__ = "0.1.0"
-__all__ = ["inits", "layers", "masking", "models", "summary", "NonAffineBatchNorm", "SubnetConv",
-           "SubnetDense", "kept_count", "supermask", "topk_mask", "get_model", "format_table",
-           "layer_stats"]
+__all__ = ["inits", "layers", "masking", "models", "nnx_layers", "subnet", "summary",
+           "NonAffineBatchNorm", "SubnetConv", "SubnetDense", "kept_count", "supermask", "topk_mask",
+           "get_model", "format_table", "layer_stats", "load_subnet", "read_subnet", "save_subnet",
+           "size_report"]
