@@ -7,11 +7,8 @@ magnitude; otherwise the kept float32 values in mask order). Learned kernels (ma
 dense_first / dense_last) and BN state are stored whole.
 
 `load_subnet` returns `(model, variables)` for `model.apply(variables, x)` (ResNets: train=False,
-the default), reproducing the trained model's eval logits bit for bit: form="dense" builds the
-architecture with mask="dense" (plain kernels W * mask; non-affine BN becomes affine BN with
-scale 1 / bias 0); form="masked" keeps the trained mask mode with indicator scores (the same
-XLA program as the original, so jitted logits match too); form="auto" picks "dense" where that
-is the same program (no non-affine BN) and "masked" otherwise.
+the default): the architecture with mask="dense" (plain kernels W * mask) and the trained
+model's BN kind, reproducing the trained model's eval logits bit for bit.
 
 File layout (all integers little-endian):
 
@@ -174,9 +171,15 @@ def _json_options(options: dict) -> dict:
     return out
 
 
-def inference_options(model_options: dict) -> dict:
-    """The options of the loaded (all-dense) model: mask='dense', no dense_first/last."""
+def inference_options(model_name: str, model_options: dict) -> dict:
+    """The options of the loaded (all-dense) model: mask='dense', no dense_first/last, and for
+    ResNets the trained model's BN kind (non-affine unless it was the dense baseline), so the
+    loaded model runs exactly the trained model's eval program with W * mask precomputed."""
+    from edgepopup_jax.models import ResNet, get_model
+
     opts = dict(model_options)
+    if isinstance(get_model(model_name, **opts), ResNet) and opts.get("bn_affine") is None:
+        opts["bn_affine"] = opts.get("mask", "edge_popup") == "dense"
     opts["mask"] = "dense"
     opts.pop("dense_first", None)
     opts.pop("dense_last", None)
@@ -450,34 +453,17 @@ def subnet_masks(path) -> dict[str, np.ndarray]:
     return out
 
 
-LOAD_FORMS = ("auto", "dense", "masked")
-
-
-def _has_batchnorm(sf: SubnetFile) -> bool:
-    return any(e["path"][0] == "batch_stats" for e in sf.extra)
-
-
-def load_subnet(path, *, expect_model: str | None = None, expect_options: dict | None = None,
-                form: str = "auto"):
+def load_subnet(path, *, expect_model: str | None = None, expect_options: dict | None = None):
     """Reads a subnet file; returns (model, variables) ready for model.apply(variables, x).
 
-    form="dense": model = get_model(name, **options, mask="dense"): every layer a plain
-      learned-kernel layer with kernel W * mask. ResNets then have affine BN, filled with scale 1
-      and bias 0 where the trained BN was non-affine: exact op by op (eager apply gives the
-      trained model's eager logits bit for bit), but under jax.jit XLA fuses the extra
-      multiply/add differently than the non-affine graph (last-bit differences).
-    form="masked": model = get_model(name, **options) (the trained mask mode), kernels W * mask
-      in `frozen` and 0/1 indicator scores that select exactly the stored mask: the trained
-      model's own program, so eager and jitted logits match the original bit for bit.
-    form="auto" (default): "dense" when that is the identical program (no non-affine BN:
-      conv nets, FC, the dense baseline), otherwise "masked".
+    model = get_model(name, **options, mask="dense"): every layer a plain kernel layer holding
+    W * mask (ResNets keep the trained model's non-affine BN), so the loaded model runs the
+    trained model's eval program with the masked kernels precomputed: same logits, bit for bit.
     expect_model / expect_options: raise ValueError unless the file holds that architecture.
     Raises ValueError for a truncated, corrupt or foreign file or another format version.
     """
     from edgepopup_jax.models import get_model
 
-    if form not in LOAD_FORMS:
-        raise ValueError(f"form must be one of {LOAD_FORMS}, got {form!r}")
     sf = read_subnet(path)
     if expect_model is not None and sf.model_name != expect_model:
         raise ValueError(f"{os.fspath(path)}: architecture mismatch: the file holds {sf.model_name!r}, "
@@ -488,44 +474,14 @@ def load_subnet(path, *, expect_model: str | None = None, expect_options: dict |
         if diff:
             raise ValueError(f"{os.fspath(path)}: architecture mismatch in options "
                              + ", ".join(f"{k}: file {a!r}, expected {b!r}" for k, (a, b) in diff.items()))
-    if form == "auto":
-        form = "masked" if (_has_batchnorm(sf) and sf.mask != "dense") else "dense"
-
-    flat: dict[tuple[str, ...], Any] = {}
-    if form == "dense":
-        model = get_model(sf.model_name, **inference_options(sf.model_options))
-        for e in sf.layers:
-            flat[("params",) + tuple(e["path"]) + ("kernel",)] = jnp.asarray(_decode_layer(e, sf.arrays))
-    else:
-        model = get_model(sf.model_name, **sf.model_options)
-        for e in sf.layers:
-            kernel = _decode_layer(e, sf.arrays)
-            layer = tuple(e["path"])
-            if e["kind"] == "dense":
-                flat[("params",) + layer + ("kernel",)] = jnp.asarray(kernel)
-                continue
-            n = int(np.prod(e["shape"], dtype=np.int64))
-            m = np.unpackbits(sf.arrays[e["mask_bits"]], count=n).astype(bool).reshape(e["shape"])
-            if sf.mask == "edge_popup" and e["kept"] != masking.kept_count(n, sf.keep_fraction):
-                raise ValueError(f"{os.fspath(path)}: layer {'/'.join(layer)} keeps {e['kept']} of {n} "
-                                 f"weights, not kept_count(n, {sf.keep_fraction}); load it with form='dense'")
-            # |S| in {0, 1}: the top-k picks exactly the ones; sigmoid(+-1) thresholds the same.
-            off = 0.0 if sf.mask == "edge_popup" else -1.0
-            flat[("params",) + layer + ("scores",)] = jnp.asarray(np.where(m, 1.0, off).astype(np.float32))
-            flat[("frozen",) + layer + ("kernel",)] = jnp.asarray(kernel)
+    model = get_model(sf.model_name, **inference_options(sf.model_name, sf.model_options))
+    flat = {("params",) + tuple(e["path"]) + ("kernel",): jnp.asarray(_decode_layer(e, sf.arrays))
+            for e in sf.layers}
     for e in sf.extra:
         flat[tuple(e["path"])] = jnp.asarray(sf.arrays[e["array"]])
-    if form == "dense" and sf.mask != "dense":
-        # Non-affine BN in the trained model -> affine BN with identity scale/shift.
-        for key, v in list(flat.items()):
-            if key[0] == "batch_stats" and key[-1] == "mean":
-                layer = ("params",) + key[1:-1]
-                flat.setdefault(layer + ("scale",), jnp.ones(v.shape, jnp.float32))
-                flat.setdefault(layer + ("bias",), jnp.zeros(v.shape, jnp.float32))
-    variables = flax.traverse_util.unflatten_dict(flat)
-    return model, variables
+    return model, flax.traverse_util.unflatten_dict(flat)
 
 
 __all__ = ["FORMAT_VERSION", "MAGIC", "save_subnet", "load_subnet", "read_subnet", "parse_subnet",
            "subnet_masks", "size_report", "float_state_bytes", "pack_layer", "unpack_layer",
-           "layer_mask", "layer_masks", "inference_options", "SubnetFile", "LOAD_FORMS"]
+           "layer_mask", "layer_masks", "inference_options", "SubnetFile"]

@@ -177,7 +177,7 @@ def test_cresnet18_import_matches_reference(tmp_path):
     ref_masks = _ref_masks(ref)
     assert stats["kept_weights"] == sum(int(m.sum()) for m in ref_masks.values())
     assert stats["kept_per_layer"]["stage1_block0/shortcut_conv"] == int(ref_masks["layer2.0.shortcut.0"].sum())
-    model, loaded = subnet.load_subnet(path, form="dense")  # plain kernels: fast eager apply
+    model, loaded = subnet.load_subnet(path)
     got = np.asarray(model.apply(loaded, jnp.asarray(x.numpy().transpose(0, 2, 3, 1))))
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 

@@ -69,12 +69,13 @@ class ResNet(MaskedModel):
     cifar_stem: bool = False
     width_multiplier: int = 1
     width: float = 1.0  # scales every layer's channels (stem, stages); 1.0 is the paper's
+    bn_affine: bool | None = None  # None: learned BN scale/shift only for mask="dense"
     bn_momentum: float = 0.9
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         block_cls = {"basic": BasicBlock, "bottleneck": Bottleneck}[self.block]
-        affine = self.mask == "dense"
+        affine = self.mask == "dense" if self.bn_affine is None else self.bn_affine
         norm = lambda name: NonAffineBatchNorm(  # noqa: E731
             use_running_average=not train, momentum=self.bn_momentum, use_scale=affine,
             use_bias=affine, dtype=self.dtype, name=name)
