@@ -4,7 +4,6 @@
 
 Running again with the same --workdir resumes from its latest checkpoint.
 """
-import logging as pylogging
 import os
 import sys
 
@@ -25,19 +24,10 @@ flags.DEFINE_integer("process_id", None, "Multi-process: this process's index.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-class _HideLibraryInfo(pylogging.Filter):
-    """Orbax logs every checkpoint step at INFO; keep the console to our own progress lines."""
-
-    def filter(self, record):
-        return record.levelno >= pylogging.WARNING or "orbax" not in record.pathname
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from edgepopup_jax import sharding, train
-
-    logging.get_absl_logger().addFilter(_HideLibraryInfo())
 
     sharding.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     import jax

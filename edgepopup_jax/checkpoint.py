@@ -6,10 +6,22 @@ refuse a checkpoint that does not belong to the run before anything is written.
 from __future__ import annotations
 
 import json
+import logging as pylogging
 import os
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
+
+
+class _HideOrbaxInfo(pylogging.Filter):
+    """Orbax logs dozens of INFO lines per save; keep the console to the trainer's progress."""
+
+    def filter(self, record):
+        return record.levelno >= pylogging.WARNING or "orbax" not in record.pathname
+
+
+logging.get_absl_logger().addFilter(_HideOrbaxInfo())
 
 
 class CheckpointError(ValueError):
