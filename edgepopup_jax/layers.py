@@ -119,6 +119,25 @@ def _padding(padding, n: int):
     return pads
 
 
+def conv_channels_last(x, kernel, *, strides, padding, input_dilation, kernel_dilation,
+                       feature_group_count, dtype):
+    """lax.conv_general_dilated on (*batch, *spatial, C) inputs and (*window, C_in/groups, C_out)
+    kernels (also used by the NNX layers)."""
+    n = kernel.ndim - 2
+    if not 1 <= n <= 3:
+        raise ValueError(f"convolutions support 1 to 3 spatial dimensions, got {n}")
+    batch_shape = x.shape[:-(n + 1)]
+    x = x.reshape((-1,) + x.shape[-(n + 1):])
+    spatial = "HWD"[:n]
+    dims = jax.lax.conv_dimension_numbers(
+        x.shape, kernel.shape, ("N" + spatial + "C", spatial + "IO", "N" + spatial + "C"))
+    y = jax.lax.conv_general_dilated(
+        x.astype(dtype), kernel.astype(dtype), window_strides=strides, padding=padding,
+        lhs_dilation=input_dilation, rhs_dilation=kernel_dilation, dimension_numbers=dims,
+        feature_group_count=feature_group_count)
+    return y.reshape(batch_shape + y.shape[1:])
+
+
 class SubnetConv(_SubnetLayer):
     """A convolution with kernel W * mask(S), channels last (NHWC); fields as flax.linen.Conv."""
 
@@ -145,23 +164,11 @@ class SubnetConv(_SubnetLayer):
         receptive = int(np.prod(window))
         kernel = self.masked_kernel(shape, receptive * shape[-2], receptive * self.features, train)
 
-        batch_shape = x.shape[:-(n + 1)]
-        x = x.reshape((-1,) + x.shape[-(n + 1):])
-        dtype = self.compute_dtype(x)
-        spatial = "HWD"[:n] if n <= 3 else None
-        if spatial is None:
-            raise ValueError(f"SubnetConv supports 1 to 3 spatial dimensions, got {n}")
-        dims = jax.lax.conv_dimension_numbers(
-            x.shape, shape, ("N" + spatial + "C", spatial + "IO", "N" + spatial + "C"))
-        y = jax.lax.conv_general_dilated(
-            x.astype(dtype), kernel.astype(dtype),
-            window_strides=_tuple(self.strides, n, "strides"),
-            padding=_padding(self.padding, n),
-            lhs_dilation=_tuple(self.input_dilation, n, "input_dilation"),
-            rhs_dilation=_tuple(self.kernel_dilation, n, "kernel_dilation"),
-            dimension_numbers=dims,
-            feature_group_count=groups)
-        y = y.reshape(batch_shape + y.shape[1:])
+        y = conv_channels_last(x, kernel, strides=_tuple(self.strides, n, "strides"),
+                               padding=_padding(self.padding, n),
+                               input_dilation=_tuple(self.input_dilation, n, "input_dilation"),
+                               kernel_dilation=_tuple(self.kernel_dilation, n, "kernel_dilation"),
+                               feature_group_count=groups, dtype=self.compute_dtype(x))
         return self.add_bias(y, self.features)
 
 

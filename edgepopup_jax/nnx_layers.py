@@ -17,7 +17,7 @@ import numpy as np
 from flax import nnx
 
 from edgepopup_jax import inits, masking
-from edgepopup_jax.layers import _padding, _tuple, check_mask_mode
+from edgepopup_jax.layers import _padding, _tuple, check_mask_mode, conv_channels_last
 
 
 class FrozenWeight(nnx.Variable):
@@ -131,18 +131,11 @@ class SubnetConv(_SubnetLayer):
 
     def __call__(self, x, train: bool = False, rngs: nnx.Rngs | None = None):
         kernel = self.masked_kernel(train, rngs)
-        n = len(self.window)
-        batch_shape = x.shape[:-(n + 1)]
-        x = x.reshape((-1,) + x.shape[-(n + 1):])
         dtype = self.dtype or jnp.result_type(x.dtype, kernel.dtype)
-        spatial = "HWD"[:n]
-        dims = jax.lax.conv_dimension_numbers(
-            x.shape, kernel.shape, ("N" + spatial + "C", spatial + "IO", "N" + spatial + "C"))
-        y = jax.lax.conv_general_dilated(
-            x.astype(dtype), kernel.astype(dtype), window_strides=self.strides, padding=self.padding,
-            lhs_dilation=self.input_dilation, rhs_dilation=self.kernel_dilation,
-            dimension_numbers=dims, feature_group_count=self.feature_group_count)
-        return y.reshape(batch_shape + y.shape[1:])
+        return conv_channels_last(x, kernel, strides=self.strides, padding=self.padding,
+                                  input_dilation=self.input_dilation,
+                                  kernel_dilation=self.kernel_dilation,
+                                  feature_group_count=self.feature_group_count, dtype=dtype)
 
 
 __all__ = ["FrozenWeight", "SubnetDense", "SubnetConv"]
