@@ -17,7 +17,7 @@ $(STAMP): setup.py Makefile
 setup: $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 tests
+	$(PY) -m pytest -q -n 2 --durations=15 tests
 
 demo: $(STAMP)
 	$(PY) main.py --config=configs/default.py --workdir=runs/demo

@@ -5,13 +5,15 @@
 
 One step: forward (train=True; ResNets update batch_stats), softmax cross-entropy on random
 32x32x3 inputs and labels, backward, SGD with momentum 0.9 over variables['params'] only (the
-scores for edge-popup, kernels and BN scale/bias for dense); frozen weights and batch_stats are
-carried. Each round times one step of every (model, mode) in turn, so background load hits all
+scores for edge-popup, kernels and BN scale/bias for dense). As in the trainer, the updated state
+is donated and the frozen weights are an input only (returning them from an undonated step would
+copy them every step, an overhead the trainer does not pay). Each round times one step of every (model, mode) in turn, so background load hits all
 alike; the table gives the median over rounds and the ratio edge-popup / dense.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 
 import jax
@@ -31,18 +33,20 @@ def make_step(model_name, mode, batch, keep_fraction, seed=0):
     y = jax.random.randint(ky, (batch,), 0, 10)
     variables = model.init(kinit, x[:1], train=False)
     params = variables["params"]
-    carried = {k: v for k, v in variables.items() if k != "params"}
+    frozen = variables.get("frozen", {})  # an input only, as in the trainer: never copied out
+    carried = {k: v for k, v in variables.items() if k not in ("params", "frozen")}
     mutable = ["batch_stats"] if "batch_stats" in carried else False
     tx = optax.sgd(0.1, momentum=0.9)
     opt_state = tx.init(params)
 
     def loss_fn(params, carried):
-        out = model.apply({"params": params, **carried}, x, train=True, mutable=mutable)
+        out = model.apply({"params": params, "frozen": frozen, **carried}, x, train=True,
+                          mutable=mutable)
         logits, updates = out if mutable else (out, {})
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
         return loss, updates
 
-    @jax.jit
+    @functools.partial(jax.jit, donate_argnums=(0, 1, 2))
     def step(params, opt_state, carried):
         (loss, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, carried)
         upd, opt_state = tx.update(grads, opt_state, params)
