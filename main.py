@@ -17,8 +17,9 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py[:arg]).",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Where checkpoints, TensorBoard events and results.json go.")
-flags.DEFINE_string("coordinator_address", None, "Multi-process: host:port of process 0 "
-                    "(auto-detected on SLURM and Cloud TPU pods).")
+flags.DEFINE_bool("multihost", False, "Join a multi-host job whose peers jax.distributed finds by "
+                  "itself (Cloud TPU pod slices; SLURM is detected without this flag).")
+flags.DEFINE_string("coordinator_address", None, "Multi-process elsewhere: host:port of process 0.")
 flags.DEFINE_integer("num_processes", None, "Multi-process: the number of processes.")
 flags.DEFINE_integer("process_id", None, "Multi-process: this process's index.")
 flags.mark_flags_as_required(["config", "workdir"])
@@ -29,7 +30,8 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from edgepopup_jax import sharding, train
 
-    sharding.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    sharding.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
+                                    multihost=FLAGS.multihost)
     import jax
     if jax.process_index() != 0:
         logging.set_verbosity(logging.WARNING)

@@ -15,17 +15,17 @@ DATA_AXIS = "data"
 
 
 def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
-                           process_id: int | None = None) -> None:
-    """Joins a multi-process job: explicit flags, or auto-detected on SLURM and Cloud TPU pods.
-
-    A single-process run (no flags, no cluster environment) does nothing.
+                           process_id: int | None = None, multihost: bool = False) -> None:
+    """Joins a multi-process job: explicit coordinator flags; or multihost=True, where
+    jax.distributed finds its peers itself (Cloud TPU pods, SLURM, Open MPI, Kubernetes); or
+    auto-detected on SLURM with several tasks. Otherwise (a single process) does nothing.
     """
     if coordinator_address:
         if num_processes is None or process_id is None:
             raise ValueError("--coordinator_address needs --num_processes and --process_id too")
         jax.distributed.initialize(coordinator_address=coordinator_address,
                                    num_processes=num_processes, process_id=process_id)
-    elif int(os.environ.get("SLURM_NTASKS", "1")) > 1 or "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""):
+    elif multihost or int(os.environ.get("SLURM_NTASKS", "1")) > 1:
         jax.distributed.initialize()
 
 
