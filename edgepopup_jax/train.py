@@ -297,6 +297,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devic
                 break
             if step % ckpt_every == 0 or step == total_steps:
                 checkpointer.save(step, state, meta)
+    if last_eval is None and not preempted:  # resumed a finished run: nothing to train, still report
+        last_eval = evaluate(_variables(state), eval_fn, config, mesh)
     checkpointer.close()
     writer.close()
 

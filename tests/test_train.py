@@ -94,6 +94,8 @@ def test_resumed_run_ends_in_exactly_the_uninterrupted_state(tmp_path):
     assert rest["state_sha256"] == straight["state_sha256"]
     np.testing.assert_array_equal(losses(rest), losses(straight)[5:])
     assert rest["eval"] == straight["eval"]
+    again = train.train_and_evaluate(c, str(tmp_path / "resumed"), devices=one_device())
+    assert again["step"] == 10 and again["train_history"] == [] and again["eval"] == straight["eval"]
 
 
 def test_frozen_weights_do_not_change_and_kept_counts_are_exact(tmp_path):
