@@ -1,10 +1,14 @@
+import pathlib
+
 from setuptools import find_packages, setup
+
+README = pathlib.Path(__file__).parent / "README.md"
 
 setup(
     name="edgepopup_jax",
     version="0.1.0",
     description="edge-popup (Ramanujan et al.): find subnetworks of randomly weighted networks in JAX/Flax",
-    long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
+    long_description=README.read_text() if README.exists() else "",
     long_description_content_type="text/markdown",
     packages=find_packages(include=["edgepopup_jax", "edgepopup_jax.*"]),
     python_requires=">=3.11",
