@@ -135,9 +135,13 @@ class _Preemption:
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
 
-    def any_process(self) -> bool:
+    def any_process(self, step: int, every: int) -> bool:
+        """Whether any process got SIGTERM. With several processes they must agree, which costs a
+        host sync, so they compare flags only at steps that are multiples of `every`."""
         if jax.process_count() == 1:
             return self.requested
+        if step % every:
+            return False
         from jax.experimental import multihost_utils
         return bool(np.any(multihost_utils.process_allgather(np.array(self.requested))))
 
@@ -289,7 +293,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devic
                              last_eval["count"])
                 writer.scalars(step, {f"eval/{k}": v for k, v in last_eval.items() if k != "count"})
             stop_now = stop_after_steps is not None and step - start_step >= stop_after_steps
-            if stop_now or preemption.any_process():
+            if stop_now or preemption.any_process(step, every=log_every):
                 preempted = True
                 checkpointer.save(step, state, meta, force=True)
                 logging.info("Stopping at step %d (%s); checkpoint saved", step,
