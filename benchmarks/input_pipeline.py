@@ -71,7 +71,6 @@ def main():
 
     rows = []
     for name, cfg in configs(args.data_dir).items():
-        info = ip.get_info(cfg)
         # Train: the first (warm-up) batches include reading/decoding into the cache and filling the shuffle buffer.
         # The timed batches read the in-memory cache.
         it = ip.train_iterator(cfg, batch_size=args.batch_size, seed=0, process_index=0, process_count=1)

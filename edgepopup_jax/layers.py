@@ -25,6 +25,18 @@ def check_mask_mode(mode: str) -> str:
     return mode
 
 
+def check_options(*, mask: str, keep_fraction: float, weight_init: str, weight_init_mode: str,
+                  supermask_eval: str) -> None:
+    """Raises ValueError naming the allowed values for any bad edge-popup option (layers, models)."""
+    check_mask_mode(mask)
+    masking.check_keep_fraction(keep_fraction)
+    inits.check_weight_init(weight_init)
+    inits.check_fan_mode(weight_init_mode)
+    if supermask_eval not in masking.SUPERMASK_EVAL_MODES:
+        raise ValueError(f"unknown supermask_eval {supermask_eval!r}; "
+                         f"allowed: {', '.join(masking.SUPERMASK_EVAL_MODES)}")
+
+
 class _SubnetLayer(nn.Module):
     """Fields and kernel logic shared by SubnetDense and SubnetConv (keyword-only fields)."""
 
@@ -41,13 +53,8 @@ class _SubnetLayer(nn.Module):
     param_dtype: Any = jnp.float32
 
     def __post_init__(self):
-        check_mask_mode(self.mask)
-        masking.check_keep_fraction(self.keep_fraction)
-        inits.check_weight_init(self.weight_init)
-        inits.check_fan_mode(self.weight_init_mode)
-        if self.supermask_eval not in masking.SUPERMASK_EVAL_MODES:
-            raise ValueError(f"unknown supermask_eval {self.supermask_eval!r}; "
-                             f"allowed: {', '.join(masking.SUPERMASK_EVAL_MODES)}")
+        check_options(mask=self.mask, keep_fraction=self.keep_fraction, weight_init=self.weight_init,
+                      weight_init_mode=self.weight_init_mode, supermask_eval=self.supermask_eval)
         if self.use_bias and self.mask != "dense":
             raise ValueError("use_bias=True needs mask='dense': edge-popup and supermask train no bias")
         super().__post_init__()
@@ -63,13 +70,10 @@ class _SubnetLayer(nn.Module):
                                 lambda: init(self.make_rng("params"), shape, self.param_dtype)).value
         scores = self.param("scores", self.score_init or inits.score_init(fan_in=fan_in),
                             shape, self.param_dtype)
-        if self.mask == "edge_popup":
-            mask = masking.topk_mask(scores, self.keep_fraction)
-        else:
-            sampling = train or self.supermask_eval == "sample"
-            mask = masking.supermask(scores, rng=self.make_rng("mask") if sampling else None,
-                                     train=train, eval_mode=self.supermask_eval)
-        return weights * mask
+        sampling = self.mask == "supermask" and (train or self.supermask_eval == "sample")
+        return weights * masking.layer_mask(scores, self.mask, self.keep_fraction, train=train,
+                                            rng=self.make_rng("mask") if sampling else None,
+                                            supermask_eval=self.supermask_eval)
 
     def add_bias(self, y, features: int):
         if not self.use_bias:

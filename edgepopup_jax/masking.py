@@ -196,3 +196,17 @@ def supermask(scores: jax.Array, *, rng: jax.Array | None, train: bool,
     else:
         mask = p
     return mask.astype(scores.dtype)
+
+
+def layer_mask(scores: jax.Array, mode: str, keep_fraction: float, *, train: bool = False,
+               rng: jax.Array | None = None, supermask_eval: str = "threshold") -> jax.Array:
+    """The mask a layer of mask mode `mode` ("edge_popup" or "supermask") multiplies its weights by.
+
+    train=False gives the eval-time mask: for edge-popup the top-k mask, for the supermask
+    (supermask_eval="threshold") S > 0. Straight-through gradients in both modes.
+    """
+    if mode == "edge_popup":
+        return topk_mask(scores, keep_fraction)
+    if mode == "supermask":
+        return supermask(scores, rng=rng, train=train, eval_mode=supermask_eval)
+    raise ValueError(f"mask mode {mode!r} has no mask; masked modes: edge_popup, supermask")

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from edgepopup_jax import inits, masking
-from edgepopup_jax.layers import _padding, _tuple, check_mask_mode, conv_channels_last
+from edgepopup_jax.layers import _padding, _tuple, check_options, conv_channels_last
 
 
 class FrozenWeight(nnx.Variable):
@@ -27,13 +26,9 @@ class FrozenWeight(nnx.Variable):
 class _SubnetLayer(nnx.Module):
     def _init_kernel(self, shape, fan_in, fan_out, *, keep_fraction, weight_init, weight_init_mode,
                      scale_by_keep_fraction, mask, supermask_eval, score_init, param_dtype, rngs):
-        check_mask_mode(mask)
-        self.keep_fraction = masking.check_keep_fraction(keep_fraction)
-        inits.check_weight_init(weight_init)
-        inits.check_fan_mode(weight_init_mode)
-        if supermask_eval not in masking.SUPERMASK_EVAL_MODES:
-            raise ValueError(f"unknown supermask_eval {supermask_eval!r}; "
-                             f"allowed: {', '.join(masking.SUPERMASK_EVAL_MODES)}")
+        check_options(mask=mask, keep_fraction=keep_fraction, weight_init=weight_init,
+                      weight_init_mode=weight_init_mode, supermask_eval=supermask_eval)
+        self.keep_fraction = float(keep_fraction)
         self.mask = mask
         self.supermask_eval = supermask_eval
         init = inits.weight_init(weight_init, fan_in=fan_in, fan_out=fan_out, mode=weight_init_mode,
@@ -50,24 +45,18 @@ class _SubnetLayer(nnx.Module):
         """W * mask(S) (mask='dense': the learned kernel)."""
         if self.mask == "dense":
             return self.kernel[...]
-        scores = self.scores[...]
-        if self.mask == "edge_popup":
-            m = masking.topk_mask(scores, self.keep_fraction)
-        else:
-            sampling = train or self.supermask_eval == "sample"
-            if sampling and rngs is None:
-                raise ValueError("supermask sampling needs rngs: call layer(x, train=True, rngs=nnx.Rngs(mask=...))")
-            m = masking.supermask(scores, rng=rngs.mask() if sampling else None, train=train,
-                                  eval_mode=self.supermask_eval)
-        return self.kernel[...] * m
+        sampling = self.mask == "supermask" and (train or self.supermask_eval == "sample")
+        if sampling and rngs is None:
+            raise ValueError("supermask sampling needs rngs: call layer(x, train=True, rngs=nnx.Rngs(mask=...))")
+        return self.kernel[...] * masking.layer_mask(
+            self.scores[...], self.mask, self.keep_fraction, train=train,
+            rng=rngs.mask() if sampling else None, supermask_eval=self.supermask_eval)
 
     def kept(self) -> int:
         """How many weights the current mask keeps."""
         if self.mask == "dense":
             return int(np.prod(self.kernel[...].shape))
-        if self.mask == "supermask":
-            return int(jnp.sum(self.scores[...] > 0))
-        return int(jnp.sum(masking.topk_mask_forward(self.scores[...], self.keep_fraction)))
+        return int(jnp.sum(masking.layer_mask(self.scores[...], self.mask, self.keep_fraction) != 0))
 
 
 class SubnetDense(_SubnetLayer):

@@ -57,40 +57,24 @@ ENC_VALUES = "values"  # kept values as float32, in mask (row-major) order
 # pure pack / unpack of one masked layer
 
 
-def layer_mask(scores, *, mask_mode: str, keep_fraction: float, supermask_eval: str = "threshold"):
-    """The 0/1 eval-time mask a layer applies to its weights, as a bool numpy array."""
-    if mask_mode == "edge_popup":
-        m = masking.topk_mask_forward(jnp.asarray(scores), keep_fraction)
-    elif mask_mode == "supermask":
-        if supermask_eval != "threshold":
-            raise ValueError(
-                f"a supermask model exports only with supermask_eval='threshold' (a fixed 0/1 mask), "
-                f"got {supermask_eval!r}: 'expectation' scales weights by sigmoid(S) and 'sample' "
-                "draws a new mask on every call")
-        m = masking.supermask(jnp.asarray(scores), rng=None, train=False, eval_mode="threshold")
-    else:
-        raise ValueError(f"no mask for mask mode {mask_mode!r}")
-    return np.asarray(jax.device_get(m)) != 0
-
-
 @functools.partial(jax.jit, static_argnums=(1, 2))
-def _masks_jit(scores_list, mask_mode, keep_fraction):
-    if mask_mode == "edge_popup":
-        return [masking.topk_mask_forward(s, keep_fraction) != 0 for s in scores_list]
-    return [masking.supermask(s, rng=None, train=False, eval_mode="threshold") != 0 for s in scores_list]
+def _eval_masks(scores_list, mask_mode, keep_fraction):
+    return [masking.layer_mask(s, mask_mode, keep_fraction) != 0 for s in scores_list]
 
 
 def layer_masks(scores: dict, *, mask_mode: str, keep_fraction: float,
                 supermask_eval: str = "threshold") -> dict:
-    """layer_mask for a dict of score arrays at once (one compiled computation)."""
+    """The 0/1 eval-time masks (bool numpy arrays) of a dict of score arrays, in one computation."""
     if mask_mode == "supermask" and supermask_eval != "threshold":
-        layer_mask(np.zeros((1,), np.float32), mask_mode=mask_mode, keep_fraction=keep_fraction,
-                   supermask_eval=supermask_eval)  # raises the explanatory error
+        raise ValueError(
+            f"a supermask model exports only with supermask_eval='threshold' (a fixed 0/1 mask), "
+            f"got {supermask_eval!r}: 'expectation' scales weights by sigmoid(S) and 'sample' "
+            "draws a new mask on every call")
     if mask_mode not in ("edge_popup", "supermask"):
         raise ValueError(f"no mask for mask mode {mask_mode!r}")
     keys = list(scores)
-    out = _masks_jit([jnp.asarray(scores[k]) for k in keys], mask_mode,
-                     masking.check_keep_fraction(keep_fraction))
+    out = _eval_masks([jnp.asarray(scores[k]) for k in keys], mask_mode,
+                      masking.check_keep_fraction(keep_fraction))
     return {k: np.asarray(jax.device_get(m)) for k, m in zip(keys, out)}
 
 
@@ -487,4 +471,4 @@ def load_subnet(path, *, expect_model: str | None = None, expect_options: dict |
 
 __all__ = ["FORMAT_VERSION", "MAGIC", "save_subnet", "load_subnet", "read_subnet", "parse_subnet",
            "subnet_masks", "size_report", "float_state_bytes", "pack_layer", "unpack_layer",
-           "layer_mask", "layer_masks", "inference_options", "SubnetFile"]
+           "layer_masks", "inference_options", "SubnetFile"]

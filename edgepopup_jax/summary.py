@@ -23,10 +23,8 @@ class LayerStats:
 
 @functools.partial(jax.jit, static_argnums=(1, 2))
 def _count_kept(scores: dict, keep_fraction: float, mask: str) -> dict:
-    if mask == "supermask":
-        return jax.tree.map(lambda s: jnp.sum(s > 0, dtype=jnp.int32), scores)
-    return jax.tree.map(lambda s: jnp.sum(masking.topk_mask_forward(s, keep_fraction), dtype=jnp.int32),
-                        scores)
+    return jax.tree.map(lambda s: jnp.sum(masking.layer_mask(s, mask, keep_fraction) != 0,
+                                          dtype=jnp.int32), scores)
 
 
 def layer_stats(variables, keep_fraction: float, mask: str = "edge_popup") -> list[LayerStats]:

@@ -1,5 +1,4 @@
 """Importing the PyTorch reference's checkpoints: same logits, same masks."""
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 
 from edgepopup_jax import layers
 from edgepopup_jax.layers import NonAffineBatchNorm, SubnetConv, SubnetDense
-from edgepopup_jax.masking import kept_count, topk_mask_forward
+from edgepopup_jax.masking import kept_count
 
 
 def np_topk_mask(scores, k):

@@ -302,3 +302,14 @@ def test_supermask_errors():
         supermask(s, rng=None, train=False, eval_mode="median")
     for mode in ("threshold", "expectation", "sample"):
         assert mode in str(e.value)
+
+
+def test_layer_mask_dispatches_by_mode():
+    from edgepopup_jax.masking import layer_mask
+    s = jax.random.normal(jax.random.PRNGKey(3), (7, 9))
+    np.testing.assert_array_equal(np.asarray(layer_mask(s, "edge_popup", 0.3)),
+                                  np.asarray(topk_mask_reference(s, 0.3)))
+    np.testing.assert_array_equal(np.asarray(layer_mask(s, "supermask", 0.3)),
+                                  np.asarray(s > 0, np.float32))
+    with pytest.raises(ValueError, match="edge_popup, supermask"):
+        layer_mask(s, "dense", 0.3)

@@ -7,7 +7,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from edgepopup_jax import inits, layers, masking
+from edgepopup_jax import layers
 
 
 class MaskedModel(nn.Module):
@@ -31,10 +31,9 @@ class MaskedModel(nn.Module):
     compute_dtype: Any = "float32"
 
     def __post_init__(self):
-        masking.check_keep_fraction(self.keep_fraction)
-        inits.check_weight_init(self.weight_init)
-        inits.check_fan_mode(self.weight_init_mode)
-        layers.check_mask_mode(self.mask)
+        layers.check_options(mask=self.mask, keep_fraction=self.keep_fraction,
+                             weight_init=self.weight_init, weight_init_mode=self.weight_init_mode,
+                             supermask_eval=self.supermask_eval)
         if self.num_classes <= 0:
             raise ValueError(f"num_classes must be positive, got {self.num_classes}")
         try:

@@ -1,7 +1,6 @@
 """ResNets with every conv masked: CIFAR ResNet-18 and ImageNet ResNet-18..152 / Wide ResNets (v1.5)."""
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Sequence
 
 import flax.linen as nn
