@@ -145,13 +145,13 @@ def _folder_channels(data_dir: str) -> int:
 
 
 @functools.lru_cache(maxsize=8)
-def _tfds_builder(name: str, data_dir: str | None):
+def _tfds_builder(name: str, data_dir: str | None, prepared: bool = True):
     if name not in tfds.list_builders():
         raise ValueError(
             f"Unknown dataset name={name!r}; allowed: 'mnist5k', 'folder', or a tfds catalog name (see tfds.list_builders())"
         )
     builder = tfds.builder(name, data_dir=data_dir)
-    if not builder.info.splits:
+    if prepared and not builder.info.splits:
         raise ValueError(
             f"tfds dataset {name!r} is not prepared: looked in {builder.data_dir}. Prepare it first (this pipeline never "
             f"downloads), e.g. `tfds build {name} --data_dir={data_dir or '~/tensorflow_datasets'}` or "
@@ -198,16 +198,24 @@ def _check_augment(config) -> None:
         raise ValueError(f"Unknown augment={config.augment!r}; allowed: {list(AUGMENTS)}")
 
 
-def get_info(config) -> DatasetInfo:
+def get_info(config, prepared: bool = True) -> DatasetInfo:
+    """Classes, model input shape and split sizes. prepared=False (for the preflight, which needs
+    no data) accepts an unprepared tfds data set: its split sizes are then reported as 0."""
     _check_augment(config)
-    train, evals = _source(config, config.train_split), _source(config, config.eval_split)
+    if prepared or config.name in ("mnist5k", "folder"):
+        train, evals = _source(config, config.train_split), _source(config, config.eval_split)
+        num_train, num_eval = train.num_examples, evals.num_examples
+    else:
+        splits = _tfds_builder(config.name, config.get("data_dir"), prepared=False).info.splits
+        num_train, num_eval = (splits[s].num_examples if s in splits else 0
+                               for s in (config.train_split, config.eval_split))
     if config.name == "mnist5k":
         num_classes, shape = 10, (28, 28, 1)
     elif config.name == "folder":
         num_classes = _image_folder(config.data_dir).info.features["label"].num_classes
         shape = _folder_first_image_shape(config.data_dir)
     else:
-        features = _tfds_builder(config.name, config.get("data_dir")).info
+        features = _tfds_builder(config.name, config.get("data_dir"), prepared=prepared).info
         image_key, label_key = features.supervised_keys or ("image", "label")
         num_classes = features.features[label_key].num_classes
         shape = tuple(features.features[image_key].shape)
@@ -215,7 +223,7 @@ def get_info(config) -> DatasetInfo:
         shape = (config.image_size, config.image_size, shape[-1] or 3)
     if None in shape:
         raise ValueError(f"Images of {config.name!r} vary in size {shape}; use augment='imagenet'")
-    return DatasetInfo(num_classes, tuple(int(d) for d in shape), train.num_examples, evals.num_examples)
+    return DatasetInfo(num_classes, tuple(int(d) for d in shape), num_train, num_eval)
 
 
 def steps_per_epoch(info: DatasetInfo, global_batch_size: int) -> int:
@@ -283,6 +291,18 @@ def _eval_transform(config, image: tf.Tensor) -> tf.Tensor:
     if config.augment == "imagenet":
         image = _resize_center_crop(image, config.image_size)
     return _normalize(image, config.mean, config.std)
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+def batch_shapes(info: DatasetInfo, batch_size: int, eval: bool = False) -> dict[str, jax.ShapeDtypeStruct]:
+    """The shapes and dtypes of the batches the iterators below yield (eval batches add "mask")."""
+    shapes = {"image": jax.ShapeDtypeStruct((batch_size, *info.image_shape), np.float32),
+              "label": jax.ShapeDtypeStruct((batch_size,), np.int32)}
+    if eval:
+        shapes["mask"] = jax.ShapeDtypeStruct((batch_size,), np.float32)
+    return shapes
 
 
 # ----------------------------------------------------------------------------- iterators

@@ -48,8 +48,6 @@ _RADIX_MIN_SIZE = 2**14  # on CPU, below this many keys the bisection's fixed co
 SELECTION_METHODS = ("radix", "bisect")
 
 
-def _default_method(n: int) -> str:
-    return "radix" if jax.default_backend() == "cpu" and n >= _RADIX_MIN_SIZE else "bisect"
 
 
 def _radix_digits(n: int) -> tuple[int, ...]:
@@ -111,15 +109,21 @@ def _tie_cut(keys: jax.Array, t: jax.Array, room: jax.Array) -> jax.Array:
 def _topk_mask_forward(scores: jax.Array, keep_fraction: float, method: str | None = None) -> jax.Array:
     """topk_mask_forward with an explicit selection method (None: by backend). For tests/benchmarks."""
     n = scores.size
-    method = method or _default_method(n)
-    if method not in SELECTION_METHODS:
+    if method not in (None, *SELECTION_METHODS):
         raise ValueError(f"unknown selection method {method!r}; allowed: {', '.join(SELECTION_METHODS)}")
     count = kept_count(n, keep_fraction)
     if count == n:
         return jnp.ones_like(scores)
     keys = _order_keys(scores).reshape(-1)
-    select = _threshold_key_radix if method == "radix" else _threshold_key_bisect
-    t, room, ties = select(keys, count)
+    if method is None and n >= _RADIX_MIN_SIZE:
+        # Chosen for the platform the step is compiled for (not the host's default backend), so
+        # an ahead-of-time compile for a GPU/TPU holds the path that accelerator will run.
+        t, room, ties = jax.lax.platform_dependent(
+            keys, cpu=lambda k: _threshold_key_radix(k, count),
+            default=lambda k: _threshold_key_bisect(k, count))
+    else:
+        select = _threshold_key_radix if method == "radix" else _threshold_key_bisect
+        t, room, ties = select(keys, count)
     # Usually every key equal to t is kept (room == ties) and no tie-break pass is needed.
     cut = jax.lax.cond(room == ties, lambda: jnp.int32(n), lambda: _tie_cut(keys, t, room))
     # Keys above t, then the first `room` keys equal to t in flat order (ties to the lower index).

@@ -43,13 +43,44 @@ def batch_sharded(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
 
 
+def process_count(mesh: Mesh) -> int:
+    """How many processes own devices of the mesh (each feeds its own share of every batch)."""
+    return len({d.process_index for d in mesh.devices.flat})
+
+
+def local_device_count(mesh: Mesh) -> int:
+    """How many of the mesh's devices belong to this process."""
+    return sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
+
+
+def _nearest_multiples(value: int, n: int) -> str:
+    below, above = value // n * n, (value // n + 1) * n
+    return f"{below} or {above}" if below > 0 else f"{above}"
+
+
 def local_batch_size(global_batch_size: int, mesh: Mesh) -> int:
-    """This process's share of the global batch; the global batch must split evenly over devices."""
-    n = mesh.devices.size
-    if global_batch_size % n:
-        raise ValueError(f"batch size {global_batch_size} must be divisible by the number of "
-                         f"devices ({n})")
-    return global_batch_size // jax.process_count()
+    """This process's share of the global train batch; raises unless it splits evenly over the
+    mesh's devices (which also gives every process a non-empty share)."""
+    n, p = mesh.devices.size, process_count(mesh)
+    if global_batch_size <= 0 or global_batch_size % n:
+        raise ValueError(
+            f"batch_size {global_batch_size} cannot be split over {n} devices ({p} processes): it "
+            f"must be a positive multiple of {n}; the nearest that work are "
+            f"{_nearest_multiples(max(global_batch_size, 1), n)}")
+    return global_batch_size // p
+
+
+def eval_batch_sizes(eval_batch_size: int, mesh: Mesh) -> tuple[int, int]:
+    """(per-process, global) eval batch for `eval_batch_size` on this mesh.
+
+    Any eval batch size works on any device count: each device gets ceil(eval_batch_size / n)
+    examples, so the global batch is eval_batch_size rounded up to a multiple of n. The eval
+    iterator pads the split's last batches (mask 0), so every example is still counted once.
+    """
+    if eval_batch_size <= 0:
+        raise ValueError(f"eval_batch_size must be positive, got {eval_batch_size}")
+    per_device = -(-eval_batch_size // mesh.devices.size)
+    return per_device * local_device_count(mesh), per_device * mesh.devices.size
 
 
 def to_global(local_batch: dict, mesh: Mesh) -> dict:

@@ -6,6 +6,7 @@ is replicated, and jit inserts the collectives (BatchNorm statistics are over th
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -135,12 +136,12 @@ class _Preemption:
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
 
-    def any_process(self, step: int, every: int) -> bool:
+    def any_process(self, sync: bool) -> bool:
         """Whether any process got SIGTERM. With several processes they must agree, which costs a
-        host sync, so they compare flags only at steps that are multiples of `every`."""
+        host sync, so they compare flags only when `sync` (log and eval steps)."""
         if jax.process_count() == 1:
             return self.requested
-        if step % every:
+        if not sync:
             return False
         from jax.experimental import multihost_utils
         return bool(np.any(multihost_utils.process_allgather(np.array(self.requested))))
@@ -181,11 +182,53 @@ def make_eval_fn(model, num_classes: int, mesh):
                    out_shardings=sharding.replicated(mesh))
 
 
+@dataclasses.dataclass(frozen=True)
+class Steps:
+    """A run's jitted functions on a mesh, with their shardings and donation: what the trainer
+    runs, and exactly what `preflight` compiles ahead of time for an accelerator."""
+    init: Any  # seed -> replicated TrainState
+    train: Any  # (state, batch) -> (state, metrics); the state is donated
+    eval: Any  # (variables, batch) -> sums over the batch's real examples
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What a config means for a data set: the model, optimizer and step counts."""
+    model: Any
+    tx: Any
+    schedule: Any
+    total_steps: int
+    steps_per_epoch: int
+
+
+def make_plan(config: ml_collections.ConfigDict, info: input_pipeline.DatasetInfo) -> Plan:
+    model = build_model(config, info.num_classes)
+    steps_per_epoch = input_pipeline.steps_per_epoch(info, config.batch_size)
+    if steps_per_epoch < 1:
+        raise ValueError(f"batch_size {config.batch_size} is larger than the training split "
+                         f"({info.num_train} examples)")
+    total_steps = config.num_train_steps if config.get("num_train_steps", 0) > 0 \
+        else int(config.num_epochs * steps_per_epoch)
+    schedule = optim.learning_rate_schedule(config.optim, total_steps, steps_per_epoch)
+    return Plan(model, optim.make_optimizer(config.optim, schedule), schedule, total_steps,
+                steps_per_epoch)
+
+
+def make_steps(config, info: input_pipeline.DatasetInfo, plan: Plan, mesh) -> Steps:
+    repl, data = sharding.replicated(mesh), sharding.batch_sharded(mesh)
+    init = jax.jit(functools.partial(create_state, plan.model, plan.tx, tuple(info.image_shape)),
+                   static_argnums=0, out_shardings=repl)
+    train = jax.jit(functools.partial(train_step, model=plan.model, tx=plan.tx,
+                                      num_classes=info.num_classes,
+                                      label_smoothing=config.optim.get("label_smoothing", 0.0)),
+                    in_shardings=(repl, data), out_shardings=(repl, repl), donate_argnums=0)
+    return Steps(init=init, train=train, eval=make_eval_fn(plan.model, info.num_classes, mesh))
+
+
 def evaluate(variables, jitted_eval, config, mesh) -> dict:
     """Top-1, top-5 and loss over the whole eval split (every example exactly once)."""
     totals = None
-    batch_size = config.get("eval_batch_size") or config.batch_size
-    local = sharding.local_batch_size(batch_size, mesh)
+    local, _ = sharding.eval_batch_sizes(config.get("eval_batch_size") or config.batch_size, mesh)
     for batch in input_pipeline.eval_iterator(config.data, batch_size=local):
         sums = jitted_eval(variables, sharding.to_global(batch, mesh))
         totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
@@ -211,52 +254,55 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devic
     """
     # Everything that can be wrong with the config fails here, before anything is written.
     info = input_pipeline.get_info(config.data)
-    model = build_model(config, info.num_classes)
+    plan = make_plan(config, info)
     mesh = sharding.make_mesh(devices)
     local_batch = sharding.local_batch_size(config.batch_size, mesh)
-    steps_per_epoch = input_pipeline.steps_per_epoch(info, config.batch_size)
-    if steps_per_epoch < 1:
-        raise ValueError(f"batch_size {config.batch_size} is larger than the training split "
-                         f"({info.num_train} examples)")
-    total_steps = config.num_train_steps if config.get("num_train_steps", 0) > 0 \
-        else int(config.num_epochs * steps_per_epoch)
-    schedule = optim.learning_rate_schedule(config.optim, total_steps, steps_per_epoch)
-    tx = optim.make_optimizer(config.optim, schedule)
+    _, eval_global = sharding.eval_batch_sizes(
+        config.get("eval_batch_size") or config.batch_size, mesh)
+    total_steps, steps_per_epoch, schedule = plan.total_steps, plan.steps_per_epoch, plan.schedule
     eval_every = config.get("eval_every_steps", 0) or steps_per_epoch
     ckpt_every = config.get("checkpoint_every_steps", 0) or steps_per_epoch
     log_every = config.get("log_every_steps", 50)
+    steps = make_steps(config, info, plan, mesh)
+    num_processes = sharding.process_count(mesh)
 
-    repl = sharding.replicated(mesh)
-    state = jax.jit(functools.partial(create_state, model, tx, info.image_shape),
-                    static_argnums=0, out_shardings=repl)(config.seed)
+    state = steps.init(config.seed)
     frozen_hash_init = tree_hash(state.frozen)
 
     epath.Path(workdir).mkdir(parents=True, exist_ok=True)
     meta = {"model": config.model.to_dict(), "seed": config.seed, "dataset": config.data.name,
-            "batch_size": config.batch_size, "num_classes": info.num_classes}
+            "batch_size": config.batch_size, "num_classes": info.num_classes,
+            "process_count": num_processes}
     checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                          max_to_keep=config.get("keep_checkpoints", 3))
+    data_order_change = None
     if checkpointer.latest_step() is not None:
-        state, _ = checkpointer.restore(state, {k: meta[k] for k in ("model", "seed", "dataset",
-                                                                     "batch_size")})
+        state, saved_meta = checkpointer.restore(state, {k: meta[k] for k in ("model", "seed", "dataset",
+                                                                               "batch_size")})
         logging.info("Resumed from step %d of %s", int(state.step), checkpointer.directory)
+        saved_processes = saved_meta.get("process_count")
+        if saved_processes != num_processes:
+            # Each process shuffles its own contiguous shard, so the batches after this step
+            # differ from those the saved run would have seen (the data seen per epoch does not).
+            data_order_change = {"step": int(state.step), "process_count_before": saved_processes,
+                                 "process_count_now": num_processes}
+            logging.warning("DATA ORDER CHANGED: checkpoint %d was written by %s processes, this run "
+                            "has %d; training continues from the same state, but the batches from "
+                            "step %d on differ from the original run's", int(state.step),
+                            saved_processes if saved_processes is not None else "an unknown number of",
+                            num_processes, int(state.step))
     if tree_hash(state.frozen) != frozen_hash_init:
         raise ckpt_lib.CheckpointError("the checkpoint's frozen weights differ from this seed's")
     logging.info("Frozen weights sha256 %s", frozen_hash_init)
-
-    data_sharded = sharding.batch_sharded(mesh)
-    step_fn = jax.jit(functools.partial(train_step, model=model, tx=tx, num_classes=info.num_classes,
-                                        label_smoothing=config.optim.get("label_smoothing", 0.0)),
-                      in_shardings=(repl, data_sharded), out_shardings=(repl, repl), donate_argnums=0)
-    eval_fn = make_eval_fn(model, info.num_classes, mesh)
 
     writer = _Writer(workdir)
     start_step = int(state.step)
     train_iter = input_pipeline.train_iterator(config.data, batch_size=local_batch, seed=config.seed,
                                                start_step=start_step)
     logging.info("Training %s on %s: %d steps (%d per epoch), global batch %d on %d devices, "
-                 "%d processes", config.model.name, config.data.name, total_steps, steps_per_epoch,
-                 config.batch_size, mesh.devices.size, jax.process_count())
+                 "%d processes; eval batch %d (%d per device)", config.model.name, config.data.name,
+                 total_steps, steps_per_epoch, config.batch_size, mesh.devices.size, num_processes,
+                 eval_global, eval_global // mesh.devices.size)
 
     t_start = time.time()
     pending, last_eval, preempted, history, eval_history = [], None, False, [], []
@@ -265,7 +311,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devic
     with _Preemption() as preemption:
         while step < total_steps:
             batch = sharding.to_global(next(train_iter), mesh)
-            state, metrics = step_fn(state, batch)
+            state, metrics = steps.train(state, batch)
             step += 1
             pending.append(metrics)
             steps_since_log += 1
@@ -285,15 +331,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devic
                              values["accuracy"], lr, images_per_sec, _format_eta(eta))
                 writer.scalars(step, {"train/loss": values["loss"], "train/accuracy": values["accuracy"],
                                       "train/learning_rate": lr, "train/images_per_sec": images_per_sec})
-            if step % eval_every == 0 or step == total_steps:
-                last_eval = evaluate(_variables(state), eval_fn, config, mesh)
-                eval_history.append({"step": step, "epoch": step / steps_per_epoch, **last_eval})
-                logging.info("eval at step %d: top-1 %.4f  top-5 %.4f  loss %.4f (%d examples)",
-                             step, last_eval["top1"], last_eval["top5"], last_eval["loss"],
-                             last_eval["count"])
-                writer.scalars(step, {f"eval/{k}": v for k, v in last_eval.items() if k != "count"})
+            # Save (or start saving) the step's checkpoint, and honour SIGTERM, before evaluating:
+            # a failure in evaluation must not lose the training done.
+            is_eval_step = step % eval_every == 0 or step == total_steps
             stop_now = stop_after_steps is not None and step - start_step >= stop_after_steps
-            if stop_now or preemption.any_process(step, every=log_every):
+            sync = step % log_every == 0 or is_eval_step
+            if stop_now or preemption.any_process(sync=sync):
                 preempted = True
                 checkpointer.save(step, state, meta, force=True)
                 logging.info("Stopping at step %d (%s); checkpoint saved", step,
@@ -301,8 +344,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devic
                 break
             if step % ckpt_every == 0 or step == total_steps:
                 checkpointer.save(step, state, meta)
+            if is_eval_step:
+                last_eval = evaluate(_variables(state), steps.eval, config, mesh)
+                eval_history.append({"step": step, "epoch": step / steps_per_epoch, **last_eval})
+                logging.info("eval at step %d: top-1 %.4f  top-5 %.4f  loss %.4f (%d examples)",
+                             step, last_eval["top1"], last_eval["top5"], last_eval["loss"],
+                             last_eval["count"])
+                writer.scalars(step, {f"eval/{k}": v for k, v in last_eval.items() if k != "count"})
     if last_eval is None and not preempted:  # resumed a finished run: nothing to train, still report
-        last_eval = evaluate(_variables(state), eval_fn, config, mesh)
+        last_eval = evaluate(_variables(state), steps.eval, config, mesh)
     checkpointer.close()
     writer.close()
 
@@ -322,7 +372,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devic
         "weights_total": sum(r.total for r in rows), "weights_kept": sum(r.kept for r in rows),
         "images_per_sec": float(np.median(throughput)) if throughput else None,
         "wall_time_sec": time.time() - t_start,
-        "num_devices": int(mesh.devices.size), "num_processes": jax.process_count(),
+        "num_devices": int(mesh.devices.size), "num_processes": num_processes,
+        "data_order_changed": data_order_change,
         "config": config.to_dict(),
     }
     if jax.process_index() == 0:

@@ -87,10 +87,18 @@ def test_methods_under_jit_and_vmap():
                 np.testing.assert_array_equal(out[i], np.asarray(topk_mask_reference(batch[i], k)))
 
 
-def test_default_method_and_public_function():
-    expect = "radix" if jax.default_backend() == "cpu" else "bisect"
-    assert masking._default_method(2**20) == expect
-    assert masking._default_method(10) == "bisect"
+@pytest.mark.parametrize("platform, radix", [("cpu", True), ("cuda", False), ("tpu", False)])
+def test_selection_is_chosen_for_the_platform_compiled_for(platform, radix):
+    # Lowered for a platform this host does not have (as the preflight does), the step must hold
+    # that platform's path: the radix select's scatter-add on CPU, the bisection elsewhere.
+    s = jnp.asarray(make_scores("normal", 2**15))
+    hlo = jax.jit(masking.topk_mask_forward, static_argnums=1).trace(s, 0.3).lower(
+        lowering_platforms=(platform,)).as_text()
+    assert ("scatter" in hlo) == radix
+    assert ("while" in hlo) != radix
+
+
+def test_public_function_and_method_check():
     s = jnp.asarray(make_scores("uniform_grid", 50000))
     np.testing.assert_array_equal(np.asarray(masking.topk_mask_forward(s, 0.3)),
                                   np.asarray(topk_mask_reference(s, 0.3)))

@@ -1,0 +1,335 @@
+"""Check a run on a TPU or GPU before booking it, from a CPU-only machine.
+
+  python -m edgepopup_jax.preflight --config=configs/imagenet_wrn50.py --target=tpu:v5e:2x4
+  python -m edgepopup_jax.preflight --config=configs/imagenet_resnet50.py --target=gpu:h100:8
+
+Compiles the trainer's own train and eval steps (train.make_steps: the same functions, shardings,
+dtypes and donation as a run) ahead of time for the target's devices, and prints per device:
+memory against the device's HBM, model FLOPs, the collectives in the step, and the largest
+per-device batch that still fits. Takes the same --config.* overrides as main.py.
+Exit code 0: compiles and fits; 1: does not fit; 2: bad target or config.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import json
+import os
+import re
+import sys
+import time
+
+import jax
+import ml_collections
+import numpy as np
+
+from edgepopup_jax import input_pipeline, sharding, targets, train
+
+GiB = 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class Memory:
+    """Per-device bytes of one compiled step (XLA's buffer assignment)."""
+    argument: int
+    output: int
+    alias: int  # outputs that reuse donated argument buffers
+    temp: int
+    code: int
+
+    @property
+    def peak(self) -> int:
+        return self.argument + self.output - self.alias + self.temp + self.code
+
+    @classmethod
+    def of(cls, compiled) -> "Memory":
+        m = compiled.memory_analysis()
+        return cls(m.argument_size_in_bytes, m.output_size_in_bytes, m.alias_size_in_bytes,
+                   m.temp_size_in_bytes, m.generated_code_size_in_bytes)
+
+
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4,
+                "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all",
+               "collective-broadcast")
+_INSTRUCTION = re.compile(r"=\s*(\(.*?\)|\S+)\s+(" + "|".join(COLLECTIVES) + r")(-start|-done)?\(")
+_ARRAY = re.compile(r"\b(" + "|".join(_DTYPE_BYTES) + r")\[([0-9,]*)\]")
+
+
+def _shape_bytes(shape: str) -> int:
+    return sum(_DTYPE_BYTES[dtype] * int(np.prod([int(d) for d in dims.split(",") if d]))
+               for dtype, dims in _ARRAY.findall(shape))
+
+
+def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
+    """{op: {"count", "bytes"}} of the collectives in compiled HLO, per device and as written
+    in the program (an op inside a loop counts once). Bytes are each op's result; an async op
+    counts at its -start and its bytes are taken from its -done."""
+    out = collections.defaultdict(lambda: {"count": 0, "bytes": 0})
+    for line in hlo_text.splitlines():
+        m = _INSTRUCTION.search(line)
+        if not m:
+            continue
+        shape, op, phase = m.groups()
+        if phase != "-done":
+            out[op]["count"] += 1
+        if phase != "-start":
+            out[op]["bytes"] += _shape_bytes(shape)
+    return dict(out)
+
+
+@dataclasses.dataclass
+class Report:
+    target: str
+    device_kind: str
+    num_devices: int
+    num_hosts: int
+    model: str
+    batch_size: int  # global
+    eval_batch_size: int  # global, as run on this mesh
+    hbm_bytes: int
+    usable_bytes: int
+    train: Memory
+    eval: Memory
+    flops_per_step: float  # global, forward + backward + update
+    collectives: dict
+    compile_seconds: float
+    max_batch_per_device: int | None = None
+    max_batch_exact: bool = True  # False: the search stopped at its compile limit
+
+    @property
+    def fits(self) -> bool:
+        return max(self.train.peak, self.eval.peak) <= self.usable_bytes
+
+    def to_json(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.update(fits=self.fits, train_peak_bytes=self.train.peak, eval_peak_bytes=self.eval.peak)
+        return d
+
+
+class DoesNotCompile(RuntimeError):
+    """The compiler itself refused the step, e.g. TPU's out-of-memory at compile time."""
+
+
+def _prepare(config: ml_collections.ConfigDict, target: targets.Target):
+    info = input_pipeline.get_info(config.data, prepared=False)
+    if not info.num_train:  # split sizes unknown without the data: they only set LR constants
+        info = dataclasses.replace(info, num_train=config.batch_size)
+    sharding.local_batch_size(config.batch_size, target.mesh)  # the trainer's own batch check
+    return info, train.make_plan(config, info)
+
+
+def _abstract_state(steps: train.Steps, seed: int, mesh):
+    repl = sharding.replicated(mesh)
+    shapes = jax.eval_shape(lambda: steps.init(seed))
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=repl), shapes)
+
+
+def _abstract_batch(info, batch_size: int, mesh, eval: bool = False):
+    data = sharding.batch_sharded(mesh)
+    return {k: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=data)
+            for k, s in input_pipeline.batch_shapes(info, batch_size, eval=eval).items()}
+
+
+def _compile(jitted, *args):
+    try:
+        return jitted.lower(*args).compile()
+    except Exception as e:  # noqa: BLE001 - e.g. RESOURCE_EXHAUSTED from the TPU compiler
+        raise DoesNotCompile(str(e).splitlines()[0][:500]) from e
+
+
+def compile_train_step(config, target: targets.Target):
+    """The compiled train step of `config` for `target` (config.batch_size is global)."""
+    info, plan = _prepare(config, target)
+    steps = train.make_steps(config, info, plan, target.mesh)
+    state = _abstract_state(steps, config.seed, target.mesh)
+    return _compile(steps.train, state, _abstract_batch(info, config.batch_size, target.mesh))
+
+
+def _with_batch(config, batch_size: int):
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.batch_size = batch_size
+    return config
+
+
+def train_flops(config, target: targets.Target) -> float:
+    """Global FLOPs of one train step, from XLA's cost analysis of the same step lowered for the
+    CPU (the TPU and GPU compilers give no usable count)."""
+    info, plan = _prepare(config, target)
+    fn = functools.partial(train.train_step, model=plan.model, tx=plan.tx,
+                           num_classes=info.num_classes,
+                           label_smoothing=config.optim.get("label_smoothing", 0.0))
+    state = jax.eval_shape(functools.partial(train.create_state, plan.model, plan.tx,
+                                             tuple(info.image_shape), config.seed))
+    batch = input_pipeline.batch_shapes(info, config.batch_size)
+    lowered = jax.jit(fn).trace(state, batch).lower(lowering_platforms=("cpu",))
+    return float(lowered.cost_analysis()["flops"])
+
+
+def analyse(config, target: targets.Target, log=print) -> Report:
+    """Compiles config's train and eval steps for target and measures them."""
+    info, plan = _prepare(config, target)
+    steps = train.make_steps(config, info, plan, target.mesh)
+    state = _abstract_state(steps, config.seed, target.mesh)
+    _, eval_global = sharding.eval_batch_sizes(
+        config.get("eval_batch_size") or config.batch_size, target.mesh)
+    t = time.time()
+    log(f"compiling the train step of {config.model.name}, batch {config.batch_size}, for "
+        f"{target.num_devices} x {target.device_kind} ...")
+    compiled_train = _compile(steps.train, state, _abstract_batch(info, config.batch_size, target.mesh))
+    log(f"  {time.time() - t:.0f} s; compiling the eval step, batch {eval_global} ...")
+    compiled_eval = _compile(steps.eval, train._variables(state),
+                             _abstract_batch(info, eval_global, target.mesh, eval=True))
+    compile_seconds = time.time() - t
+    return Report(
+        target=target.spec, device_kind=target.device_kind, num_devices=target.num_devices,
+        num_hosts=target.num_hosts, model=config.model.name, batch_size=config.batch_size,
+        eval_batch_size=eval_global, hbm_bytes=target.hbm_bytes, usable_bytes=target.usable_bytes,
+        train=Memory.of(compiled_train), eval=Memory.of(compiled_eval),
+        flops_per_step=train_flops(config, target),
+        collectives=collectives(compiled_train.as_text()), compile_seconds=compile_seconds)
+
+
+def max_batch_per_device(config, target: targets.Target, known: tuple[int, Memory | None],
+                         max_compiles: int = 8, log=print) -> tuple[int | None, bool]:
+    """The largest per-device train batch whose step fits the target, searched by compiling.
+
+    Keeps a bracket [fits, does not fit] and guesses inside it from a straight line through the
+    known peaks (memory grows about linearly with the batch), so it usually needs 2-4 compiles.
+    Returns (batch, exact); exact=False when max_compiles ran out first (batch is then the
+    largest that was seen to fit). None if not even 1 image per device fits.
+    """
+    n = target.num_devices
+
+    def peak(per_device: int) -> int | None:
+        t = time.time()
+        try:
+            mem = Memory.of(compile_train_step(_with_batch(config, per_device * n), target))
+        except DoesNotCompile as e:
+            log(f"  batch {per_device}/device: does not compile ({e})")
+            return None
+        log(f"  batch {per_device}/device: peak {mem.peak / GiB:.2f} GiB "
+            f"({time.time() - t:.0f} s)")
+        return mem.peak
+
+    limit = target.usable_bytes
+    b0, mem0 = known
+    measured = [(b0, mem0.peak)] if mem0 else []  # (batch, peak) of every compile, newest last
+    lo, hi = (b0, None) if mem0 and mem0.peak <= limit else (0, b0)  # lo fits, hi does not
+    for _ in range(max_compiles):
+        if hi is not None and hi - lo <= 1:
+            break
+        if len(measured) >= 2:  # secant through the two newest measurements
+            (b1, p1), (b2, p2) = measured[-2:]
+            slope = (p2 - p1) / (b2 - b1) if b2 != b1 else 0.0
+            intercept = p2 - slope * b2
+        elif measured:  # one point: the state (arguments) is fixed, the rest grows with the batch
+            (b1, p1), = measured
+            intercept = mem0.argument
+            slope = (p1 - intercept) / b1
+        else:
+            slope = 0.0
+        guess = int((limit - intercept) // slope) if slope > 0 else 2 * max(lo, 1)
+        guess = max(guess, lo + 1)
+        if hi is not None:
+            guess = min(guess, hi - 1)
+        p = peak(guess)
+        if p is not None:
+            measured.append((guess, p))
+        if p is not None and p <= limit:
+            lo = guess
+        else:
+            hi = guess
+    exact = hi is not None and hi - lo <= 1
+    return (lo or None), exact
+
+
+def _gib(b: int) -> str:
+    return f"{b / GiB:.2f}"
+
+
+def format_report(r: Report) -> str:
+    usable = r.usable_bytes
+    note = "" if usable == r.hbm_bytes else f" (XLA may use {_gib(usable)} GiB of {_gib(r.hbm_bytes)})"
+    lines = [
+        f"target {r.target}: {r.num_devices} x {r.device_kind} on {r.num_hosts} host(s), "
+        f"{_gib(r.hbm_bytes)} GiB HBM per device{note}",
+        f"model {r.model}: train batch {r.batch_size} ({r.batch_size // r.num_devices} per device), "
+        f"eval batch {r.eval_batch_size} ({r.eval_batch_size // r.num_devices} per device)",
+        "",
+        "per device, GiB      argument   output  (aliased)     temp     peak   fits",
+    ]
+    for name, m in (("train step", r.train), ("eval step", r.eval)):
+        lines.append(f"{name:<18} {_gib(m.argument):>10} {_gib(m.output):>8} {_gib(m.alias):>10} "
+                     f"{_gib(m.temp):>8} {_gib(m.peak):>8}   {'yes' if m.peak <= usable else 'NO'}")
+    per_device = r.flops_per_step / r.num_devices
+    lines += ["", f"model FLOPs: {r.flops_per_step / 1e12:.2f} TFLOP per step, "
+              f"{per_device / 1e12:.3f} TFLOP per device per step, "
+              f"{r.flops_per_step / r.batch_size / 1e9:.2f} GFLOP per image (forward + backward)"]
+    lines += ["", "collectives in the train step (per device, as written in the program):"]
+    if not r.collectives:
+        lines.append("  none")
+    for op, c in sorted(r.collectives.items()):
+        lines.append(f"  {op:<20} {c['count']:>4} ops  {c['bytes'] / 2**20:10.2f} MiB")
+    if r.max_batch_per_device is not None or not r.max_batch_exact:
+        found = r.max_batch_per_device or 0
+        lines += ["", f"largest train batch that fits: {found} per device "
+                  f"({found * r.num_devices} global)" + ("" if r.max_batch_exact else
+                                                          " or more (search stopped at its compile limit)")]
+    lines += ["", "FITS" if r.fits else "DOES NOT FIT"]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def main(argv) -> int:
+    from absl import flags, logging
+    FLAGS = flags.FLAGS
+    if len(argv) > 1:
+        print(f"error: unexpected arguments {argv[1:]}", file=sys.stderr)
+        return 2
+    logging.set_verbosity(logging.WARNING)
+    if not os.environ.get("JAX_PLATFORMS"):  # the host only compiles: keep the CUDA/TPU plugins,
+        jax.config.update("jax_platforms", "cpu")  # which have no device here, from starting
+    try:
+        target = targets.parse_target(FLAGS.target)
+        config = FLAGS.config
+        report = analyse(config, target, log=lambda s: print(s, file=sys.stderr, flush=True))
+    except (ValueError, DoesNotCompile) as e:  # bad target, bad config, or a step that cannot exist
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if FLAGS.search_max_batch:
+        print("searching for the largest per-device batch that fits ...", file=sys.stderr, flush=True)
+        per_device = report.batch_size // report.num_devices
+        report.max_batch_per_device, report.max_batch_exact = max_batch_per_device(
+            config, target, (per_device, report.train), max_compiles=FLAGS.max_search_compiles,
+            log=lambda s: print(s, file=sys.stderr, flush=True))
+    print(format_report(report))
+    if FLAGS.json:
+        with open(FLAGS.json, "w") as f:
+            json.dump(report.to_json(), f, indent=2)
+    return 0 if report.fits else 1
+
+
+def _define_flags():
+    from absl import flags
+    from ml_collections import config_flags
+    config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py[:arg]).",
+                                    lock_config=True)
+    flags.DEFINE_string("target", None, "tpu:<version>:<topology> or gpu:<kind>:<count>, e.g. "
+                        + ", ".join(targets.EXAMPLES[:3]) + ", gpu:h100:8, gpu:a100:8")
+    flags.DEFINE_bool("search_max_batch", True, "Also search for the largest per-device batch "
+                      "that fits (a few more compiles).")
+    flags.DEFINE_integer("max_search_compiles", 8, "At most this many compiles for that search.")
+    flags.DEFINE_string("json", None, "Also write the report as JSON to this path.")
+    flags.mark_flags_as_required(["config", "target"])
+
+
+if __name__ == "__main__":
+    from absl import app
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    sys.path.insert(0, os.getcwd())  # configs/ import each other as `configs.base`
+    _define_flags()
+    app.run(lambda argv: sys.exit(main(argv)))
