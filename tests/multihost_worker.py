@@ -4,7 +4,8 @@
 
 Joins the job (gloo CPU collectives), trains the embedded default config for a few steps with
 train.train_and_evaluate and writes this process's results (train history, eval, hashes) to out.json.
-The parent sets XLA_FLAGS (devices per process) and the step count via the environment.
+The parent sets XLA_FLAGS (devices per process), the step count and, to stop early as a
+preemption would, MULTIHOST_STOP_AFTER via the environment.
 """
 import json
 import os
@@ -40,9 +41,11 @@ def main(argv):
                                process_id=int(process_id), initialization_timeout=120)
     from edgepopup_jax import train
 
-    results = train.train_and_evaluate(worker_config(), workdir)
+    stop_after = os.environ.get("MULTIHOST_STOP_AFTER")
+    results = train.train_and_evaluate(worker_config(), workdir,
+                                       stop_after_steps=int(stop_after) if stop_after else None)
     keep = ("step", "eval", "train_history", "state_sha256", "frozen_sha256", "num_devices",
-            "num_processes", "weights_kept", "weights_total")
+            "num_processes", "weights_kept", "weights_total", "preempted", "data_order_changed")
     record = {k: results[k] for k in keep}
     record.update(process_index=jax.process_index(), local_devices=jax.local_device_count())
     with open(out + ".tmp", "w") as f:

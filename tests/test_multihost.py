@@ -39,13 +39,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_workers(tmp_path):
+def launch_workers(tmp_path, steps=STEPS, stop_after=None, tag=""):
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={DEVICES_PER_PROCESS}",
-           "JAX_PLATFORMS": "cpu", "MULTIHOST_STEPS": str(STEPS), "TF_CPP_MIN_LOG_LEVEL": "2"}
+           "JAX_PLATFORMS": "cpu", "MULTIHOST_STEPS": str(steps), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    if stop_after is not None:
+        env["MULTIHOST_STOP_AFTER"] = str(stop_after)
     address = f"127.0.0.1:{free_port()}"
     procs, outs, logs = [], [], []
     for i in range(NUM_PROCESSES):
-        out, log = tmp_path / f"out{i}.json", open(tmp_path / f"log{i}.txt", "w")
+        out, log = tmp_path / f"out{tag}{i}.json", open(tmp_path / f"log{tag}{i}.txt", "w")
         procs.append(subprocess.Popen(
             [sys.executable, str(ROOT / "tests" / "multihost_worker.py"), address, str(NUM_PROCESSES),
              str(i), str(tmp_path / "workdir"), str(out)],
@@ -55,7 +57,7 @@ def launch_workers(tmp_path):
     return procs, outs, logs
 
 
-def wait_workers(procs, logs, tmp_path):
+def wait_workers(procs, logs, tmp_path, tag=""):
     try:
         for p in procs:
             p.wait(timeout=TIMEOUT_S)
@@ -71,7 +73,7 @@ def wait_workers(procs, logs, tmp_path):
     codes = [p.returncode for p in procs]
     if codes != [0] * NUM_PROCESSES:
         tails = "\n".join(f"--- process {i} (exit {c}):\n"
-                          + (tmp_path / f"log{i}.txt").read_text()[-3000:] for i, c in enumerate(codes))
+                          + (tmp_path / f"log{tag}{i}.txt").read_text()[-3000:] for i, c in enumerate(codes))
         pytest.fail(f"workers failed or timed out after {TIMEOUT_S} s: {codes}\n{tails}")
 
 
@@ -139,3 +141,46 @@ def test_two_processes_match_one_process_on_the_same_global_batches(tmp_path):
     assert (tmp_path / "workdir" / "results.json").exists()  # written by process 0 only
     saved = json.loads((tmp_path / "workdir" / "results.json").read_text())
     assert saved["num_processes"] == NUM_PROCESSES and saved["eval"]["count"] == 1000
+
+
+def test_resume_across_process_counts_says_the_data_order_changed(tmp_path):
+    """1 process -> 2 processes (stopped) -> 2 processes (stopped) -> 1 process, one workdir.
+
+    Each process shuffles its own shard, so the batches after a change of process count differ;
+    the run must go on from the exact saved step and say so in results.json, and the checkpoint
+    meta records the process count. Same count on resume: no change reported.
+    """
+    from edgepopup_jax import checkpoint as ckpt_lib
+
+    config = worker_config()
+    config.num_train_steps = 8
+    workdir = tmp_path / "workdir"
+    devices = jax.devices()[:NUM_PROCESSES * DEVICES_PER_PROCESS]
+    first = train.train_and_evaluate(config, str(workdir), devices=devices, stop_after_steps=2)
+    assert first["step"] == 2 and first["data_order_changed"] is None
+
+    results = []
+    for tag, expected_step in (("a", 4), ("b", 6)):
+        procs, outs, logs = launch_workers(tmp_path, steps=8, stop_after=2, tag=tag)
+        wait_workers(procs, logs, tmp_path, tag=tag)
+        r = [json.loads(out.read_text()) for out in outs]
+        assert [x["step"] for x in r] == [expected_step] * NUM_PROCESSES
+        assert all(x["preempted"] for x in r)
+        assert [h["step"] for h in r[0]["train_history"]] == [expected_step - 1, expected_step]
+        assert r[0]["state_sha256"] == r[1]["state_sha256"]
+        results.append(r[0])
+    assert results[0]["data_order_changed"] == {"step": 2, "process_count_before": 1,
+                                                "process_count_now": 2}
+    assert results[1]["data_order_changed"] is None  # 2 -> 2 processes: the same batches
+    meta = ckpt_lib.Checkpointer(str(workdir / "checkpoints")).restore_raw()[1]
+    assert meta["process_count"] == 2
+
+    last = train.train_and_evaluate(config, str(workdir), devices=devices)
+    assert last["step"] == 8 and not last["preempted"]
+    assert [h["step"] for h in last["train_history"]] == [7, 8]
+    assert last["data_order_changed"] == {"step": 6, "process_count_before": 2,
+                                          "process_count_now": 1}
+    assert last["eval"]["count"] == 1000
+    assert np.all(np.isfinite([h["loss"] for h in last["train_history"]]))
+    saved = json.loads((workdir / "results.json").read_text())
+    assert saved["data_order_changed"]["process_count_before"] == 2

@@ -198,3 +198,50 @@ def test_sigterm_saves_a_restorable_checkpoint_and_exits_cleanly(tmp_path):
     resumed = train.train_and_evaluate(c, str(tmp_path), devices=one_device())
     assert [h["step"] for h in resumed["train_history"]] == [saved + 1, saved + 2]
     shutil.rmtree(tmp_path)
+
+
+@pytest.mark.parametrize("model, device_counts", [
+    ({"model.name": "fc"}, (1, 6, 8)),
+    ({"model.name": "cifar_resnet18", "model.width": 0.125}, (6, 8)),  # BatchNorm, global batch
+])
+def test_any_device_count_trains_evaluates_checkpoints_and_resumes(tmp_path, model, device_counts):
+    """1, 6 and 8 devices with the shipped eval batch (500, which 6 and 8 do not divide): every
+    one of the 1,000 eval examples is counted once, and a stopped run resumes to the end."""
+    c = small_config(**{"num_train_steps": 4, "batch_size": 48, "eval_batch_size": 500,
+                        "eval_every_steps": 2, "checkpoint_every_steps": 2,
+                        "optim.learning_rate": 0.01, **model})
+    assert default.get_config().eval_batch_size == 500
+    evals = {}
+    for n in device_counts:
+        workdir = str(tmp_path / f"d{n}")
+        part = train.train_and_evaluate(c, workdir, devices=jax.devices()[:n], stop_after_steps=3)
+        assert part["preempted"] and part["step"] == 3 and part["num_devices"] == n
+        assert part["eval"]["count"] == 1000  # the eval at step 2
+        rest = train.train_and_evaluate(c, workdir, devices=jax.devices()[:n])
+        assert rest["step"] == 4 and [h["step"] for h in rest["train_history"]] == [4]
+        assert rest["eval"]["count"] == 1000 and rest["data_order_changed"] is None
+        evals[n] = rest["eval"]
+    first = evals[device_counts[0]]
+    for n in device_counts[1:]:  # the same model to float tolerance (near-threshold mask flips aside)
+        np.testing.assert_allclose(evals[n]["loss"], first["loss"], rtol=2e-3)
+
+
+def test_eval_batch_is_split_for_any_mesh():
+    from edgepopup_jax import sharding
+    for n, expect in ((1, 500), (3, 501), (6, 504), (7, 504), (8, 504)):
+        mesh = sharding.make_mesh(jax.devices()[:n])
+        assert sharding.eval_batch_sizes(500, mesh) == (expect, expect)  # (this process, global)
+    with pytest.raises(ValueError, match="eval_batch_size must be positive"):
+        sharding.eval_batch_sizes(0, sharding.make_mesh(jax.devices()[:1]))
+
+
+def test_train_batch_that_cannot_split_is_refused_before_writing(tmp_path):
+    c = small_config(batch_size=50)
+    with pytest.raises(ValueError) as e:
+        train.train_and_evaluate(c, str(tmp_path / "run"), devices=jax.devices()[:8])
+    assert "8 devices" in str(e.value) and "48 or 56" in str(e.value)
+    assert not (tmp_path / "run").exists()
+    c = small_config(batch_size=4)
+    with pytest.raises(ValueError, match="nearest that work are 8"):
+        train.train_and_evaluate(c, str(tmp_path / "run"), devices=jax.devices()[:8])
+    assert not (tmp_path / "run").exists()

@@ -1,0 +1,130 @@
+"""Deviceless preflight: the trainer's steps compiled for a TPU topology and for 8 H100s on this CPU.
+
+Needs the [preflight] extra (libtpu; jax-cuda12-plugin and -pjrt); each test skips cleanly without it.
+"""
+import importlib.util
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from configs import cifar10_conv4  # noqa: E402
+from edgepopup_jax import preflight, targets, train  # noqa: E402
+
+needs_tpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                               reason="libtpu not installed (pip install -e .[preflight])")
+needs_gpu = pytest.mark.skipif(importlib.util.find_spec("jax_plugins.xla_cuda12") is None,
+                               reason="jax-cuda12-plugin not installed (pip install -e .[preflight])")
+
+# Conv4 on 32x32x3, SAME 3x3 convs, pools after conv1 and conv3: multiply-adds per image, forward.
+CONV4_FORWARD_MACS = (32 * 32 * 64 * 3 * 9 + 32 * 32 * 64 * 64 * 9 + 16 * 16 * 128 * 64 * 9
+                      + 16 * 16 * 128 * 128 * 9 + 8192 * 256 + 256 * 256 + 256 * 10)
+CONV4_SCORES = 64 * 27 + 64 * 576 + 128 * 576 + 128 * 1152 + 8192 * 256 + 256 * 256 + 2560
+
+
+def conv4(**overrides):
+    c = cifar10_conv4.get_config()
+    for k, v in overrides.items():
+        c[k] = v
+    return c
+
+
+def test_collectives_are_counted_with_their_bytes():
+    hlo = """
+  %all-reduce = f32[1024,16]{1,0} all-reduce(f32[1024,16]{1,0} %p), replica_groups={}
+  %ars = (f32[10]{0}, bf16[4,4]{1,0}) all-reduce-start(%a, %b), channel_id=2
+  %ard = (f32[10]{0}, bf16[4,4]{1,0}) all-reduce-done(%ars)
+  %ags = (f32[2]{0}, f32[16]{0}) all-gather-start(f32[2]{0} %x), dimensions={0}
+  %agd = f32[16]{0} all-gather-done(%ags)
+  %add = f32[1024,16]{1,0} add(%all-reduce, %all-reduce)
+"""
+    got = preflight.collectives(hlo)
+    assert got == {"all-reduce": {"count": 2, "bytes": 1024 * 16 * 4 + 10 * 4 + 16 * 2},
+                   "all-gather": {"count": 1, "bytes": 16 * 4}}
+
+
+def _check_conv4_report(report, target):
+    state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(
+        jax.eval_shape(lambda: _conv4_state())))
+    assert report.num_devices == target.num_devices
+    # Replicated state: every device holds all of it, and the donated state is aliased.
+    assert report.train.argument >= state_bytes
+    assert report.train.alias >= state_bytes * 0.99
+    assert 0 < report.train.peak < target.usable_bytes and report.fits
+    assert report.eval.argument >= state_bytes / 3  # frozen weights + scores, no momentum
+    forward = 2 * CONV4_FORWARD_MACS
+    assert 2.8 * forward <= report.flops_per_step / report.batch_size <= 3.1 * forward
+    # Data parallelism: one gradient all-reduce, of the scores' float32 gradients (+ scalars).
+    reduce = report.collectives["all-reduce"]
+    assert abs(reduce["bytes"] - 4 * CONV4_SCORES) < 4096, report.collectives
+
+
+def _conv4_state():
+    c = conv4()
+    model = train.build_model(c, 10)
+    tx = train.optim.make_optimizer(c.optim, lambda step: 0.1)
+    return train.create_state(model, tx, (32, 32, 3), 0)
+
+
+@needs_tpu
+def test_conv4_compiles_for_the_smallest_tpu_topology():
+    target = targets.parse_target("tpu:v5e:2x2")
+    assert target.num_devices == 4 and target.hbm_bytes == 16 * 2**30
+    report = preflight.analyse(conv4(), target, log=lambda s: None)
+    _check_conv4_report(report, target)
+    assert report.eval_batch_size == 500
+
+
+@needs_gpu
+def test_conv4_compiles_for_8_h100s_and_the_batch_search_is_exact():
+    target = targets.parse_target("gpu:h100:8")
+    assert target.num_devices == 8 and "H100" in target.device_kind
+    report = preflight.analyse(conv4(), target, log=lambda s: None)
+    _check_conv4_report(report, target)
+    assert report.eval_batch_size == 504  # 500 split for 8 devices: 63 each
+    best, exact = preflight.max_batch_per_device(conv4(), target, (16, report.train),
+                                                 log=lambda s: None)
+    assert exact and best > 16
+
+    def peak(per_device):
+        c = conv4(batch_size=per_device * 8)
+        return preflight.Memory.of(preflight.compile_train_step(c, target)).peak
+
+    assert peak(best) <= target.usable_bytes < peak(best + 1)
+
+
+def test_bad_targets_are_refused_with_the_allowed_ones():
+    for bad in ("tpu:v9:2x2", "gpu:h100:12", "gpu:rtx:8", "cpu:8", "tpu:v5e"):
+        with pytest.raises(targets.TargetError, match="targets are tpu:"):
+            targets.parse_target(bad)
+
+
+def _cli(*args):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    return subprocess.run([sys.executable, "-m", "edgepopup_jax.preflight", *args], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_cli_bad_target_exits_2():
+    p = _cli("--config=configs/cifar10_conv4.py", "--target=gpu:v100:8")
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert "gpu:v100:8" in p.stderr and "h100" in p.stderr and "v5e" in p.stderr
+
+
+@needs_gpu
+def test_cli_absurd_batch_does_not_fit_and_exits_1(tmp_path):
+    p = _cli("--config=configs/cifar10_conv4.py", "--target=gpu:h100:8", "--search_max_batch=false",
+             "--config.batch_size=4194304", f"--json={tmp_path / 'r.json'}")
+    assert p.returncode == 1, p.stderr[-2000:]
+    assert "DOES NOT FIT" in p.stdout and "NO" in p.stdout
+    import json
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert not r["fits"] and r["train_peak_bytes"] > r["usable_bytes"]
+    np.testing.assert_equal(r["batch_size"], 4194304)
