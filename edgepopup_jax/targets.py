@@ -118,6 +118,9 @@ def _tpu(spec: str, rest: str) -> Target:
     if version not in TPU_HBM or not re.fullmatch(r"[a-z0-9]+:\d+(x\d+)+", rest):
         raise TargetError(f"bad TPU target {spec!r}; {_usage()}")
     _need("libtpu", "a TPU")
+    # libtpu takes a machine-wide lock meant for real TPUs; a deviceless compile needs none, and
+    # without this a second preflight (or test worker) on the same machine would be refused.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     from jax.experimental import topologies
     kwargs = {"chip_config_name": "megacore"} if version in _MEGACORE else {}
     try:
