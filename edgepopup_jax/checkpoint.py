@@ -77,12 +77,19 @@ class Checkpointer:
         if step is None:
             raise CheckpointError(f"no checkpoint in {self.directory}")
         try:
+            # Onto this process's first device: the checkpoint may come from another topology
+            # (a pod slice, 8 GPUs), whose saved shardings cannot be rebuilt here.
+            saved = ocp.StandardCheckpointer().metadata(os.path.join(self.directory, str(step), "state"))
+            tree = getattr(saved, "item_metadata", saved)
+            tree = getattr(tree, "tree", tree)
+            here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+            abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=here), tree)
             restored = self.manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
+                state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
         except Exception as e:  # noqa: BLE001
             raise CheckpointError(f"checkpoint {step} in {self.directory} is unreadable "
                                   f"({type(e).__name__}: {e})") from e
-        return restored["state"], restored["meta"]
+        return jax.device_get(restored["state"]), restored["meta"]
 
     def wait(self):
         self.manager.wait_until_finished()
