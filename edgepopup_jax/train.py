@@ -308,53 +308,55 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devic
     pending, last_eval, preempted, history, eval_history = [], None, False, [], []
     t_log, steps_since_log, throughput = time.time(), 0, []
     step = start_step
-    with _Preemption() as preemption:
-        while step < total_steps:
-            batch = sharding.to_global(next(train_iter), mesh)
-            state, metrics = steps.train(state, batch)
-            step += 1
-            pending.append(metrics)
-            steps_since_log += 1
-            if step % log_every == 0 or step == total_steps:
-                values = jax.tree.map(lambda *xs: float(np.mean(xs)), *jax.device_get(pending))
-                pending = []
-                history.append({"step": step, **values})
-                elapsed = time.time() - t_log
-                images_per_sec = steps_since_log * config.batch_size / max(elapsed, 1e-9)
-                if step - start_step > steps_since_log:  # the first interval includes compilation
-                    throughput.append(images_per_sec)
-                t_log, steps_since_log = time.time(), 0
-                lr = float(schedule(step - 1))
-                eta = (total_steps - step) * config.batch_size / images_per_sec
-                logging.info("step %d/%d  epoch %.2f  loss %.4f  acc %.4f  lr %.4g  %.0f img/s  ETA %s",
-                             step, total_steps, step / steps_per_epoch, values["loss"],
-                             values["accuracy"], lr, images_per_sec, _format_eta(eta))
-                writer.scalars(step, {"train/loss": values["loss"], "train/accuracy": values["accuracy"],
-                                      "train/learning_rate": lr, "train/images_per_sec": images_per_sec})
-            # Save (or start saving) the step's checkpoint, and honour SIGTERM, before evaluating:
-            # a failure in evaluation must not lose the training done.
-            is_eval_step = step % eval_every == 0 or step == total_steps
-            stop_now = stop_after_steps is not None and step - start_step >= stop_after_steps
-            sync = step % log_every == 0 or is_eval_step
-            if stop_now or preemption.any_process(sync=sync):
-                preempted = True
-                checkpointer.save(step, state, meta, force=True)
-                logging.info("Stopping at step %d (%s); checkpoint saved", step,
-                             "requested" if stop_now else "SIGTERM")
-                break
-            if step % ckpt_every == 0 or step == total_steps:
-                checkpointer.save(step, state, meta)
-            if is_eval_step:
-                last_eval = evaluate(_variables(state), steps.eval, config, mesh)
-                eval_history.append({"step": step, "epoch": step / steps_per_epoch, **last_eval})
-                logging.info("eval at step %d: top-1 %.4f  top-5 %.4f  loss %.4f (%d examples)",
-                             step, last_eval["top1"], last_eval["top5"], last_eval["loss"],
-                             last_eval["count"])
-                writer.scalars(step, {f"eval/{k}": v for k, v in last_eval.items() if k != "count"})
-    if last_eval is None and not preempted:  # resumed a finished run: nothing to train, still report
-        last_eval = evaluate(_variables(state), steps.eval, config, mesh)
-    checkpointer.close()
-    writer.close()
+    try:  # on any failure, still finish the checkpoint saves already started
+        with _Preemption() as preemption:
+            while step < total_steps:
+                batch = sharding.to_global(next(train_iter), mesh)
+                state, metrics = steps.train(state, batch)
+                step += 1
+                pending.append(metrics)
+                steps_since_log += 1
+                if step % log_every == 0 or step == total_steps:
+                    values = jax.tree.map(lambda *xs: float(np.mean(xs)), *jax.device_get(pending))
+                    pending = []
+                    history.append({"step": step, **values})
+                    elapsed = time.time() - t_log
+                    images_per_sec = steps_since_log * config.batch_size / max(elapsed, 1e-9)
+                    if step - start_step > steps_since_log:  # the first interval includes compilation
+                        throughput.append(images_per_sec)
+                    t_log, steps_since_log = time.time(), 0
+                    lr = float(schedule(step - 1))
+                    eta = (total_steps - step) * config.batch_size / images_per_sec
+                    logging.info("step %d/%d  epoch %.2f  loss %.4f  acc %.4f  lr %.4g  %.0f img/s  ETA %s",
+                                 step, total_steps, step / steps_per_epoch, values["loss"],
+                                 values["accuracy"], lr, images_per_sec, _format_eta(eta))
+                    writer.scalars(step, {"train/loss": values["loss"], "train/accuracy": values["accuracy"],
+                                          "train/learning_rate": lr, "train/images_per_sec": images_per_sec})
+                # Save (or start saving) the step's checkpoint, and honour SIGTERM, before evaluating:
+                # a failure in evaluation must not lose the training done.
+                is_eval_step = step % eval_every == 0 or step == total_steps
+                stop_now = stop_after_steps is not None and step - start_step >= stop_after_steps
+                sync = step % log_every == 0 or is_eval_step
+                if stop_now or preemption.any_process(sync=sync):
+                    preempted = True
+                    checkpointer.save(step, state, meta, force=True)
+                    logging.info("Stopping at step %d (%s); checkpoint saved", step,
+                                 "requested" if stop_now else "SIGTERM")
+                    break
+                if step % ckpt_every == 0 or step == total_steps:
+                    checkpointer.save(step, state, meta)
+                if is_eval_step:
+                    last_eval = evaluate(_variables(state), steps.eval, config, mesh)
+                    eval_history.append({"step": step, "epoch": step / steps_per_epoch, **last_eval})
+                    logging.info("eval at step %d: top-1 %.4f  top-5 %.4f  loss %.4f (%d examples)",
+                                 step, last_eval["top1"], last_eval["top5"], last_eval["loss"],
+                                 last_eval["count"])
+                    writer.scalars(step, {f"eval/{k}": v for k, v in last_eval.items() if k != "count"})
+        if last_eval is None and not preempted:  # resumed a finished run: nothing to train, still report
+            last_eval = evaluate(_variables(state), steps.eval, config, mesh)
+    finally:
+        checkpointer.close()
+        writer.close()
 
     if tree_hash(state.frozen) != frozen_hash_init:
         raise RuntimeError("frozen weights changed during training: this is a bug")

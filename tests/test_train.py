@@ -245,3 +245,19 @@ def test_train_batch_that_cannot_split_is_refused_before_writing(tmp_path):
     with pytest.raises(ValueError, match="nearest that work are 8"):
         train.train_and_evaluate(c, str(tmp_path / "run"), devices=jax.devices()[:8])
     assert not (tmp_path / "run").exists()
+
+
+def test_epoch_checkpoint_is_saved_before_evaluation(tmp_path, monkeypatch):
+    c = small_config(**{"num_train_steps": 4, "eval_every_steps": 2, "checkpoint_every_steps": 2})
+
+    def broken_evaluation(*args, **kwargs):
+        raise RuntimeError("evaluation failed")
+
+    monkeypatch.setattr(train, "evaluate", broken_evaluation)
+    with pytest.raises(RuntimeError, match="evaluation failed"):
+        train.train_and_evaluate(c, str(tmp_path), devices=one_device())
+    # The epoch's training is not lost: its checkpoint was written before the evaluation.
+    assert ckpt_lib.Checkpointer(str(tmp_path / "checkpoints")).latest_step() == 2
+    monkeypatch.undo()
+    resumed = train.train_and_evaluate(c, str(tmp_path), devices=one_device())
+    assert [h["step"] for h in resumed["train_history"]] == [3, 4]
