@@ -22,6 +22,7 @@ def get_base() -> ml_collections.ConfigDict:
     c.model.weight_init_mode = "fan_in"
     c.model.scale_by_keep_fraction = False  # the paper's "scaled" inits: std = gain / sqrt(k * fan)
     c.model.mask = "edge_popup"  # edge_popup | supermask (Zhou et al.) | dense (learned weights)
+    c.model.mask_scope = "layer"  # layer (the paper's: top-k in every layer) | global (one threshold over all layers)
     c.model.supermask_eval = "threshold"
     c.model.dense_first = False
     c.model.dense_last = False

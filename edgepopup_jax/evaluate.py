@@ -45,7 +45,8 @@ def load(subnet_path: str | None = None, workdir: str | None = None):
     model = get_model(name, **options)
     keep = options.get("keep_fraction", 0.5)
     masking.check_keep_fraction(keep)
-    return model, variables, summary.layer_stats(variables, keep, options.get("mask", "edge_popup"))
+    return model, variables, summary.layer_stats(variables, keep, options.get("mask", "edge_popup"),
+                                                 mask_scope=options.get("mask_scope", "layer"))
 
 
 def evaluate(config, subnet_path: str | None = None, workdir: str | None = None, devices=None):

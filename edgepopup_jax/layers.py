@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from edgepopup_jax import inits, masking
+from edgepopup_jax import inits, masking, selection
 
 MASK_MODES = ("edge_popup", "supermask", "dense")
 FROZEN = "frozen"
@@ -46,6 +46,7 @@ class _SubnetLayer(nn.Module):
     weight_init_mode: str = "fan_in"
     scale_by_keep_fraction: bool = False
     mask: str = "edge_popup"
+    mask_scope: str = "layer"  # "global": the mask comes from a selection over all layers
     supermask_eval: str = "threshold"
     score_init: Callable | None = None  # default: Kaiming-uniform(a=sqrt(5)) over fan_in
     use_bias: bool = False
@@ -55,6 +56,7 @@ class _SubnetLayer(nn.Module):
     def __post_init__(self):
         check_options(mask=self.mask, keep_fraction=self.keep_fraction, weight_init=self.weight_init,
                       weight_init_mode=self.weight_init_mode, supermask_eval=self.supermask_eval)
+        selection.check_mask_scope(self.mask_scope)
         if self.use_bias and self.mask != "dense":
             raise ValueError("use_bias=True needs mask='dense': edge-popup and supermask train no bias")
         super().__post_init__()
@@ -70,6 +72,13 @@ class _SubnetLayer(nn.Module):
                                 lambda: init(self.make_rng("params"), shape, self.param_dtype)).value
         scores = self.param("scores", self.score_init or inits.score_init(fan_in=fan_in),
                             shape, self.param_dtype)
+        if self.mask == "edge_popup" and self.has_variable(selection.MASKS, "scores"):
+            # Selected for all layers at once (selection.edge_popup_masks), as the trainer does.
+            return weights * self.get_variable(selection.MASKS, "scores").astype(weights.dtype)
+        if self.mask == "edge_popup" and self.mask_scope == "global" and not self.is_initializing():
+            raise ValueError("mask_scope='global' selects over all layers together: apply the model "
+                             "with the 'masks' collection, e.g. {**variables, 'masks': "
+                             "selection.edge_popup_masks(variables['params'], k, 'global')}")
         sampling = self.mask == "supermask" and (train or self.supermask_eval == "sample")
         return weights * masking.layer_mask(scores, self.mask, self.keep_fraction, train=train,
                                             rng=self.make_rng("mask") if sampling else None,

@@ -90,21 +90,24 @@ class Report:
     eval_batch_size: int  # global, as run on this mesh
     hbm_bytes: int
     usable_bytes: int
-    train: Memory
-    eval: Memory
+    train: Memory | None  # None: did not compile (see error)
+    eval: Memory | None
     flops_per_step: float  # global, forward + backward + update
     collectives: dict
     compile_seconds: float
-    max_batch_per_device: int | None = None
+    max_batch_per_device: int | None = None  # the largest seen to fit
     max_batch_exact: bool = True  # False: the search stopped at its compile limit
+    no_fit_batch_per_device: int | None = None  # the smallest seen not to fit
+    error: str | None = None  # the compiler's own refusal (TPU: out of HBM at compile time)
 
     @property
     def fits(self) -> bool:
-        return max(self.train.peak, self.eval.peak) <= self.usable_bytes
+        return self.error is None and max(self.train.peak, self.eval.peak) <= self.usable_bytes
 
     def to_json(self) -> dict:
         d = dataclasses.asdict(self)
-        d.update(fits=self.fits, train_peak_bytes=self.train.peak, eval_peak_bytes=self.eval.peak)
+        d.update(fits=self.fits, train_peak_bytes=self.train.peak if self.train else None,
+                 eval_peak_bytes=self.eval.peak if self.eval else None)
         return d
 
 
@@ -177,28 +180,47 @@ def analyse(config, target: targets.Target, log=print) -> Report:
     t = time.time()
     log(f"compiling the train step of {config.model.name}, batch {config.batch_size}, for "
         f"{target.num_devices} x {target.device_kind} ...")
-    compiled_train = _compile(steps.train, state, _abstract_batch(info, config.batch_size, target.mesh))
-    log(f"  {time.time() - t:.0f} s; compiling the eval step, batch {eval_global} ...")
-    compiled_eval = _compile(steps.eval, train._variables(state),
-                             _abstract_batch(info, eval_global, target.mesh, eval=True))
-    compile_seconds = time.time() - t
+    memory, error = {}, None
+    try:
+        compiled_train = _compile(steps.train, state, _abstract_batch(info, config.batch_size,
+                                                                      target.mesh))
+        memory["train"] = Memory.of(compiled_train)
+        log(f"  {time.time() - t:.0f} s; compiling the eval step, batch {eval_global} ...")
+        # As the trainer evaluates: the masks selected once (steps.masks), then every batch.
+        variables = jax.eval_shape(steps.masks, train._variables(state))
+        repl = sharding.replicated(target.mesh)
+        variables = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=repl),
+                                 variables)
+        memory["eval"] = Memory.of(_compile(steps.eval, variables, _abstract_batch(
+            info, eval_global, target.mesh, eval=True)))
+    except DoesNotCompile as e:
+        if not _out_of_memory(str(e)):
+            raise
+        error = str(e)
     return Report(
         target=target.spec, device_kind=target.device_kind, num_devices=target.num_devices,
         num_hosts=target.num_hosts, model=config.model.name, batch_size=config.batch_size,
         eval_batch_size=eval_global, hbm_bytes=target.hbm_bytes, usable_bytes=target.usable_bytes,
-        train=Memory.of(compiled_train), eval=Memory.of(compiled_eval),
+        train=memory.get("train"), eval=memory.get("eval"),
         flops_per_step=train_flops(config, target),
-        collectives=collectives(compiled_train.as_text()), compile_seconds=compile_seconds)
+        collectives=collectives(compiled_train.as_text()) if "train" in memory else {},
+        compile_seconds=time.time() - t, error=error)
+
+
+def _out_of_memory(message: str) -> bool:
+    return "RESOURCE_EXHAUSTED" in message or "out of memory" in message.lower()
 
 
 def max_batch_per_device(config, target: targets.Target, known: tuple[int, Memory | None],
-                         max_compiles: int = 8, log=print) -> tuple[int | None, bool]:
+                         max_compiles: int = 8, log=print) -> tuple[int | None, int | None]:
     """The largest per-device train batch whose step fits the target, searched by compiling.
 
-    Keeps a bracket [fits, does not fit] and guesses inside it from a straight line through the
-    known peaks (memory grows about linearly with the batch), so it usually needs 2-4 compiles.
-    Returns (batch, exact); exact=False when max_compiles ran out first (batch is then the
-    largest that was seen to fit). None if not even 1 image per device fits.
+    Keeps a bracket (lo fits, hi does not) and guesses from a straight line through the two
+    newest measured peaks (GPU memory grows about linearly with the batch, so that usually hits
+    the boundary in 2-3 compiles), kept at least a quarter inside the bracket so it always
+    shrinks fast (the TPU compiler rematerialises to fit, so its peaks are not linear; a batch
+    that cannot fit does not compile there). Returns (lo, hi): lo is the largest batch seen to
+    fit (None: not even 1), hi the smallest seen not to (None: none), hi == lo + 1 when exact.
     """
     n = target.num_devices
 
@@ -209,14 +231,13 @@ def max_batch_per_device(config, target: targets.Target, known: tuple[int, Memor
         except DoesNotCompile as e:
             log(f"  batch {per_device}/device: does not compile ({e})")
             return None
-        log(f"  batch {per_device}/device: peak {mem.peak / GiB:.2f} GiB "
-            f"({time.time() - t:.0f} s)")
+        log(f"  batch {per_device}/device: peak {mem.peak / GiB:.2f} GiB ({time.time() - t:.0f} s)")
         return mem.peak
 
     limit = target.usable_bytes
     b0, mem0 = known
-    measured = [(b0, mem0.peak)] if mem0 else []  # (batch, peak) of every compile, newest last
-    lo, hi = (b0, None) if mem0 and mem0.peak <= limit else (0, b0)  # lo fits, hi does not
+    measured = [(b0, mem0.peak)] if mem0 else []  # (batch, peak) of compiles that worked
+    lo, hi = (b0, None) if mem0 and mem0.peak <= limit else (0, b0)
     for _ in range(max_compiles):
         if hi is not None and hi - lo <= 1:
             break
@@ -226,14 +247,15 @@ def max_batch_per_device(config, target: targets.Target, known: tuple[int, Memor
             intercept = p2 - slope * b2
         elif measured:  # one point: the state (arguments) is fixed, the rest grows with the batch
             (b1, p1), = measured
-            intercept = mem0.argument
-            slope = (p1 - intercept) / b1
+            intercept, slope = mem0.argument, (p1 - mem0.argument) / b1
         else:
-            slope = 0.0
+            intercept, slope = 0.0, 0.0
         guess = int((limit - intercept) // slope) if slope > 0 else 2 * max(lo, 1)
-        guess = max(guess, lo + 1)
-        if hi is not None:
-            guess = min(guess, hi - 1)
+        if hi is None:
+            guess = max(guess, lo + 1)
+        else:
+            quarter = (hi - lo) // 4
+            guess = min(max(guess, lo + max(quarter, 1)), hi - max(quarter, 1))
         p = peak(guess)
         if p is not None:
             measured.append((guess, p))
@@ -241,8 +263,7 @@ def max_batch_per_device(config, target: targets.Target, known: tuple[int, Memor
             lo = guess
         else:
             hi = guess
-    exact = hi is not None and hi - lo <= 1
-    return (lo or None), exact
+    return (lo or None), hi
 
 
 def _gib(b: int) -> str:
@@ -261,6 +282,9 @@ def format_report(r: Report) -> str:
         "per device, GiB      argument   output  (aliased)     temp     peak   fits",
     ]
     for name, m in (("train step", r.train), ("eval step", r.eval)):
+        if m is None:
+            lines.append(f"{name:<18} does not compile: {r.error}")
+            continue
         lines.append(f"{name:<18} {_gib(m.argument):>10} {_gib(m.output):>8} {_gib(m.alias):>10} "
                      f"{_gib(m.temp):>8} {_gib(m.peak):>8}   {'yes' if m.peak <= usable else 'NO'}")
     per_device = r.flops_per_step / r.num_devices
@@ -272,11 +296,14 @@ def format_report(r: Report) -> str:
         lines.append("  none")
     for op, c in sorted(r.collectives.items()):
         lines.append(f"  {op:<20} {c['count']:>4} ops  {c['bytes'] / 2**20:10.2f} MiB")
-    if r.max_batch_per_device is not None or not r.max_batch_exact:
+    if r.max_batch_per_device is not None or r.no_fit_batch_per_device is not None:
         found = r.max_batch_per_device or 0
-        lines += ["", f"largest train batch that fits: {found} per device "
-                  f"({found * r.num_devices} global)" + ("" if r.max_batch_exact else
-                                                          " or more (search stopped at its compile limit)")]
+        line = f"largest train batch that fits: {found} per device ({found * r.num_devices} global)"
+        if not r.max_batch_exact:
+            line += (f"; {r.no_fit_batch_per_device} does not fit (the search stopped at its compile "
+                     "limit in between)" if r.no_fit_batch_per_device else
+                     " or more (the search stopped at its compile limit)")
+        lines += ["", line]
     lines += ["", "FITS" if r.fits else "DOES NOT FIT"]
     return "\n".join(lines)
 
@@ -297,15 +324,17 @@ def main(argv) -> int:
         target = targets.parse_target(FLAGS.target)
         config = FLAGS.config
         report = analyse(config, target, log=lambda s: print(s, file=sys.stderr, flush=True))
-    except (ValueError, DoesNotCompile) as e:  # bad target, bad config, or a step that cannot exist
+    except (ValueError, DoesNotCompile) as e:  # bad target or config, or a step that cannot exist
         print(f"error: {e}", file=sys.stderr)
         return 2
     if FLAGS.search_max_batch:
         print("searching for the largest per-device batch that fits ...", file=sys.stderr, flush=True)
         per_device = report.batch_size // report.num_devices
-        report.max_batch_per_device, report.max_batch_exact = max_batch_per_device(
+        lo, hi = max_batch_per_device(
             config, target, (per_device, report.train), max_compiles=FLAGS.max_search_compiles,
             log=lambda s: print(s, file=sys.stderr, flush=True))
+        report.max_batch_per_device, report.no_fit_batch_per_device = lo, hi
+        report.max_batch_exact = hi is not None and hi - (lo or 0) <= 1
     print(format_report(report))
     if FLAGS.json:
         with open(FLAGS.json, "w") as f:

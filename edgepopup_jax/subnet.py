@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from edgepopup_jax import masking
+from edgepopup_jax import masking, selection
 
 MAGIC = b"\x89EPSUBN\n"
 FORMAT_VERSION = 1
@@ -57,13 +57,17 @@ ENC_VALUES = "values"  # kept values as float32, in mask (row-major) order
 # pure pack / unpack of one masked layer
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2))
-def _eval_masks(scores_list, mask_mode, keep_fraction):
-    return [masking.layer_mask(s, mask_mode, keep_fraction) != 0 for s in scores_list]
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _eval_masks(scores: dict, mask_mode, keep_fraction, mask_scope):
+    if mask_mode == "edge_popup":
+        masks = selection.masks_by_path(scores, keep_fraction, mask_scope)
+    else:
+        masks = {k: masking.layer_mask(s, mask_mode, keep_fraction) for k, s in scores.items()}
+    return {k: m != 0 for k, m in masks.items()}
 
 
 def layer_masks(scores: dict, *, mask_mode: str, keep_fraction: float,
-                supermask_eval: str = "threshold") -> dict:
+                supermask_eval: str = "threshold", mask_scope: str = "layer") -> dict:
     """The 0/1 eval-time masks (bool numpy arrays) of a dict of score arrays, in one computation."""
     if mask_mode == "supermask" and supermask_eval != "threshold":
         raise ValueError(
@@ -72,10 +76,9 @@ def layer_masks(scores: dict, *, mask_mode: str, keep_fraction: float,
             "draws a new mask on every call")
     if mask_mode not in ("edge_popup", "supermask"):
         raise ValueError(f"no mask for mask mode {mask_mode!r}")
-    keys = list(scores)
-    out = _eval_masks([jnp.asarray(scores[k]) for k in keys], mask_mode,
-                      masking.check_keep_fraction(keep_fraction))
-    return {k: np.asarray(jax.device_get(m)) for k, m in zip(keys, out)}
+    out = _eval_masks({k: jnp.asarray(v) for k, v in scores.items()}, mask_mode,
+                      masking.check_keep_fraction(keep_fraction), mask_scope)
+    return {k: np.asarray(jax.device_get(out[k])) for k in scores}
 
 
 def pack_layer(weights, mask) -> dict[str, Any]:
@@ -134,7 +137,7 @@ def unpack_layer(packed: dict[str, Any]) -> np.ndarray:
 
 
 _OPTION_DEFAULTS = dict(keep_fraction=0.5, mask="edge_popup", supermask_eval="threshold",
-                        dense_first=False, dense_last=False)
+                        dense_first=False, dense_last=False, mask_scope="layer")
 
 
 def _json_options(options: dict) -> dict:
@@ -272,7 +275,8 @@ def _encode(*, model_name: str, model_options: dict, variables, keep_fraction=No
     n_masked = n_kept = 0
     if masked:
         masks = layer_masks({p: s for p, (s, _) in masked.items()}, mask_mode=mask_mode,
-                            keep_fraction=k, supermask_eval=full.get("supermask_eval", "threshold"))
+                            keep_fraction=k, supermask_eval=full.get("supermask_eval", "threshold"),
+                            mask_scope=full["mask_scope"])
     for path, (scores, w) in masked.items():
         packed = pack_layer(np.asarray(jax.device_get(w)), masks[path])
         entry = {"path": list(path), "kind": "masked", "shape": list(packed["shape"]),

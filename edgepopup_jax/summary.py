@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from edgepopup_jax import masking
+from edgepopup_jax import masking, selection
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,19 +21,23 @@ class LayerStats:
     mode: str  # "edge_popup", "supermask" (kept: sigmoid(S) > 0.5) or "dense"
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2))
-def _count_kept(scores: dict, keep_fraction: float, mask: str) -> dict:
-    return jax.tree.map(lambda s: jnp.sum(masking.layer_mask(s, mask, keep_fraction) != 0,
-                                          dtype=jnp.int32), scores)
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _count_kept(scores: dict, keep_fraction: float, mask: str, mask_scope: str) -> dict:
+    if mask == "edge_popup":
+        masks = selection.masks_by_path(scores, keep_fraction, mask_scope)
+    else:
+        masks = jax.tree.map(lambda s: masking.layer_mask(s, mask, keep_fraction), scores)
+    return jax.tree.map(lambda m: jnp.sum(m != 0, dtype=jnp.int32), masks)
 
 
-def layer_stats(variables, keep_fraction: float, mask: str = "edge_popup") -> list[LayerStats]:
+def layer_stats(variables, keep_fraction: float, mask: str = "edge_popup",
+                mask_scope: str = "layer") -> list[LayerStats]:
     """Counts each layer's weights and the weights its current mask keeps (counted from the mask)."""
     params = flax.traverse_util.flatten_dict(flax.core.unfreeze(variables["params"]), sep="/")
     scores = {k[: -len("/scores")]: v for k, v in params.items() if k.endswith("/scores")}
     dense = {k[: -len("/kernel")]: v for k, v in params.items() if k.endswith("/kernel")}
 
-    kept = jax.device_get(_count_kept(scores, keep_fraction, mask))
+    kept = jax.device_get(_count_kept(scores, keep_fraction, mask, mask_scope))
     rows = [LayerStats(name, tuple(s.shape), int(np.prod(s.shape)), int(kept[name]), mask)
             for name, s in scores.items()]
     rows += [LayerStats(name, tuple(k.shape), int(np.prod(k.shape)), int(np.prod(k.shape)), "dense")

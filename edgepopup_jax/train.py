@@ -25,7 +25,7 @@ from absl import logging
 from etils import epath
 
 from edgepopup_jax import checkpoint as ckpt_lib
-from edgepopup_jax import input_pipeline, masking, optim, sharding, summary
+from edgepopup_jax import input_pipeline, masking, optim, selection, sharding, summary
 from edgepopup_jax.models import get_model
 
 
@@ -64,11 +64,22 @@ def cross_entropy(logits, labels, num_classes: int, label_smoothing: float = 0.0
     return optax.softmax_cross_entropy(logits, targets)
 
 
-def train_step(state: TrainState, batch, *, model, tx, num_classes: int, label_smoothing: float):
+def with_masks(variables: dict, model, mesh=None) -> dict:
+    """variables plus the `masks` collection: every edge-popup layer's mask, selected in one pass
+    over all layers (split over the mesh's devices), which the layers then use."""
+    if model.mask != "edge_popup" or selection.MASKS in variables:
+        return variables
+    masks = selection.edge_popup_masks(variables["params"], model.keep_fraction, model.mask_scope,
+                                       mesh, sharding.DATA_AXIS)
+    return {**variables, selection.MASKS: masks}
+
+
+def train_step(state: TrainState, batch, *, model, tx, num_classes: int, label_smoothing: float,
+               mesh=None):
     rng = jax.random.fold_in(state.rng, state.step)
 
     def loss_fn(params):
-        variables = {**_variables(state), "params": params}
+        variables = with_masks({**_variables(state), "params": params}, model, mesh)
         logits, updates = model.apply(variables, batch["image"], train=True,
                                       mutable=["batch_stats"], rngs={"mask": rng})
         loss = cross_entropy(logits, batch["label"], num_classes, label_smoothing).mean()
@@ -82,9 +93,10 @@ def train_step(state: TrainState, batch, *, model, tx, num_classes: int, label_s
     return state, {"loss": loss, "accuracy": accuracy}
 
 
-def eval_step(variables, batch, *, model, num_classes: int):
-    """Sums over the real (mask = 1) examples of the batch: loss, top-1 and top-5 hits, count."""
-    logits = model.apply(variables, batch["image"], train=False)
+def eval_step(variables, batch, *, model, num_classes: int, mesh=None):
+    """Sums over the real (mask = 1) examples of the batch: loss, top-1 and top-5 hits, count.
+    Uses variables' `masks` when given (the trainer selects them once per evaluation)."""
+    logits = model.apply(with_masks(variables, model, mesh), batch["image"], train=False)
     mask = batch["mask"]
     labels = batch["label"]
     top = jax.lax.top_k(logits, min(5, num_classes))[1]
@@ -106,12 +118,16 @@ def tree_hash(tree) -> str:
 
 def check_kept_counts(state: TrainState, config) -> list[summary.LayerStats]:
     """Every edge-popup layer keeps exactly kept_count(n, k) weights; raises if not."""
-    rows = summary.layer_stats({"params": state.params}, config.model.keep_fraction,
-                               config.model.get("mask", "edge_popup"))
-    for r in rows:
-        if r.mode == "edge_popup" and r.kept != masking.kept_count(r.total, config.model.keep_fraction):
-            raise RuntimeError(f"layer {r.name} keeps {r.kept} of {r.total} weights, expected "
-                               f"{masking.kept_count(r.total, config.model.keep_fraction)}")
+    k, scope = config.model.keep_fraction, config.model.get("mask_scope", "layer")
+    rows = summary.layer_stats({"params": state.params}, k, config.model.get("mask", "edge_popup"),
+                               mask_scope=scope)
+    masked = [r for r in rows if r.mode == "edge_popup"]
+    groups = [masked] if scope == "global" else [[r] for r in masked]
+    for group in groups:
+        total, kept = sum(r.total for r in group), sum(r.kept for r in group)
+        if kept != masking.kept_count(total, k):
+            raise RuntimeError(f"layers {[r.name for r in group]} keep {kept} of {total} weights, "
+                               f"expected {masking.kept_count(total, k)}")
     return rows
 
 
@@ -177,9 +193,15 @@ def _write_json_atomically(path: epath.Path, obj) -> None:
 
 def make_eval_fn(model, num_classes: int, mesh):
     """eval_step jitted over the mesh: variables replicated, batch sharded."""
-    return jax.jit(functools.partial(eval_step, model=model, num_classes=num_classes),
+    return jax.jit(functools.partial(eval_step, model=model, num_classes=num_classes, mesh=mesh),
                    in_shardings=(sharding.replicated(mesh), sharding.batch_sharded(mesh)),
                    out_shardings=sharding.replicated(mesh))
+
+
+def make_masks_fn(model, mesh):
+    """variables -> variables with the `masks` collection, jitted over the mesh (replicated)."""
+    return jax.jit(functools.partial(with_masks, model=model, mesh=mesh),
+                   in_shardings=sharding.replicated(mesh), out_shardings=sharding.replicated(mesh))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,6 +211,7 @@ class Steps:
     init: Any  # seed -> replicated TrainState
     train: Any  # (state, batch) -> (state, metrics); the state is donated
     eval: Any  # (variables, batch) -> sums over the batch's real examples
+    masks: Any  # variables -> variables with every layer's mask (once per evaluation)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -220,13 +243,18 @@ def make_steps(config, info: input_pipeline.DatasetInfo, plan: Plan, mesh) -> St
                    static_argnums=0, out_shardings=repl)
     train = jax.jit(functools.partial(train_step, model=plan.model, tx=plan.tx,
                                       num_classes=info.num_classes,
-                                      label_smoothing=config.optim.get("label_smoothing", 0.0)),
+                                      label_smoothing=config.optim.get("label_smoothing", 0.0),
+                                      mesh=mesh),
                     in_shardings=(repl, data), out_shardings=(repl, repl), donate_argnums=0)
-    return Steps(init=init, train=train, eval=make_eval_fn(plan.model, info.num_classes, mesh))
+    return Steps(init=init, train=train, eval=make_eval_fn(plan.model, info.num_classes, mesh),
+                 masks=make_masks_fn(plan.model, mesh))
 
 
-def evaluate(variables, jitted_eval, config, mesh) -> dict:
-    """Top-1, top-5 and loss over the whole eval split (every example exactly once)."""
+def evaluate(variables, jitted_eval, config, mesh, masks_fn=None) -> dict:
+    """Top-1, top-5 and loss over the whole eval split (every example exactly once).
+    masks_fn (Steps.masks): select the masks once here rather than in every eval batch."""
+    if masks_fn is not None:
+        variables = masks_fn(variables)
     totals = None
     local, _ = sharding.eval_batch_sizes(config.get("eval_batch_size") or config.batch_size, mesh)
     for batch in input_pipeline.eval_iterator(config.data, batch_size=local):
@@ -346,14 +374,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devic
                 if step % ckpt_every == 0 or step == total_steps:
                     checkpointer.save(step, state, meta)
                 if is_eval_step:
-                    last_eval = evaluate(_variables(state), steps.eval, config, mesh)
+                    last_eval = evaluate(_variables(state), steps.eval, config, mesh, steps.masks)
                     eval_history.append({"step": step, "epoch": step / steps_per_epoch, **last_eval})
                     logging.info("eval at step %d: top-1 %.4f  top-5 %.4f  loss %.4f (%d examples)",
                                  step, last_eval["top1"], last_eval["top5"], last_eval["loss"],
                                  last_eval["count"])
                     writer.scalars(step, {f"eval/{k}": v for k, v in last_eval.items() if k != "count"})
         if last_eval is None and not preempted:  # resumed a finished run: nothing to train, still report
-            last_eval = evaluate(_variables(state), steps.eval, config, mesh)
+            last_eval = evaluate(_variables(state), steps.eval, config, mesh, steps.masks)
     finally:
         checkpointer.close()
         writer.close()

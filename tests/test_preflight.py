@@ -80,6 +80,10 @@ def test_conv4_compiles_for_the_smallest_tpu_topology():
     report = preflight.analyse(conv4(), target, log=lambda s: None)
     _check_conv4_report(report, target)
     assert report.eval_batch_size == 500
+    # The TPU compiler refuses a step that cannot fit in HBM: reported as not fitting.
+    huge = preflight.analyse(conv4(batch_size=4 * 2**20), target, log=lambda s: None)
+    assert not huge.fits and huge.train is None and "RESOURCE_EXHAUSTED" in huge.error
+    assert "does not compile" in preflight.format_report(huge)
 
 
 @needs_gpu
@@ -89,9 +93,9 @@ def test_conv4_compiles_for_8_h100s_and_the_batch_search_is_exact():
     report = preflight.analyse(conv4(), target, log=lambda s: None)
     _check_conv4_report(report, target)
     assert report.eval_batch_size == 504  # 500 split for 8 devices: 63 each
-    best, exact = preflight.max_batch_per_device(conv4(), target, (16, report.train),
-                                                 log=lambda s: None)
-    assert exact and best > 16
+    best, no_fit = preflight.max_batch_per_device(conv4(), target, (16, report.train),
+                                                  log=lambda s: None)
+    assert best > 16 and no_fit == best + 1
 
     def peak(per_device):
         c = conv4(batch_size=per_device * 8)

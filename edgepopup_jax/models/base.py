@@ -7,7 +7,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from edgepopup_jax import layers
+from edgepopup_jax import layers, selection
 
 
 class MaskedModel(nn.Module):
@@ -25,6 +25,7 @@ class MaskedModel(nn.Module):
     weight_init_mode: str = "fan_in"
     scale_by_keep_fraction: bool = False
     mask: str = "edge_popup"
+    mask_scope: str = "layer"  # "layer" (the paper's) or "global": one threshold over all layers
     supermask_eval: str = "threshold"
     dense_first: bool = False
     dense_last: bool = False
@@ -34,6 +35,7 @@ class MaskedModel(nn.Module):
         layers.check_options(mask=self.mask, keep_fraction=self.keep_fraction,
                              weight_init=self.weight_init, weight_init_mode=self.weight_init_mode,
                              supermask_eval=self.supermask_eval)
+        selection.check_mask_scope(self.mask_scope)
         if self.num_classes <= 0:
             raise ValueError(f"num_classes must be positive, got {self.num_classes}")
         try:
@@ -53,5 +55,6 @@ class MaskedModel(nn.Module):
         return dict(keep_fraction=self.keep_fraction, weight_init=self.weight_init,
                     weight_init_mode=self.weight_init_mode,
                     scale_by_keep_fraction=self.scale_by_keep_fraction,
-                    mask="dense" if dense else self.mask, supermask_eval=self.supermask_eval,
+                    mask="dense" if dense else self.mask, mask_scope=self.mask_scope,
+                    supermask_eval=self.supermask_eval,
                     dtype=self.dtype)

@@ -1,0 +1,181 @@
+"""Every edge-popup layer's top-k mask in one selection, split across the devices of a mesh.
+
+Layer by layer (masking.topk_mask), a GPU/TPU runs one 31-pass bisection loop per layer, and
+every device does all of it. Here all layers' thresholds are found together: one loop of 31
+counting passes, each pass counting every layer (or group of layers); with a mesh, each device
+counts over its 1/N share of every layer's scores, and the per-layer counts are summed across
+devices once per pass (one small all-reduce of a few int32 per pass, for all layers).
+
+Scopes: "layer" (the paper's): every layer keeps kept_count(n_layer, k) of its own weights.
+"global": one threshold over all layers' scores, kept_count(n_total, k) weights in all; ties
+are broken towards the earlier layer (in the order of the params tree) and then the lower index,
+as a stable sort of the concatenated scores would.
+
+The masks equal masking.topk_mask_reference (a sort) exactly, ties included.
+"""
+from __future__ import annotations
+
+import functools
+
+import flax
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec
+
+from edgepopup_jax import masking
+
+MASK_SCOPES = ("layer", "global")
+MASKS = "masks"  # the variable collection the layers read their precomputed mask from
+_BISECT_PASSES = 31  # keys are non-negative int32: 31 bits
+
+
+def check_mask_scope(scope: str) -> str:
+    if scope not in MASK_SCOPES:
+        raise ValueError(f"unknown mask_scope {scope!r}; allowed: {', '.join(MASK_SCOPES)}")
+    return scope
+
+
+def _group_thresholds(keys, groups, counts, axis_name=None):
+    """Per group g: t[g] = the counts[g]-th largest key over the group's layers, plus
+    room[g] = counts[g] - #(keys > t) and per-layer ties #(keys == t[group]).
+
+    keys: list of flat int32 arrays (this device's share of each layer, padded with -1, which
+    no threshold counts); groups: static group index of each layer.
+    """
+    num_groups = max(groups) + 1
+
+    def per_group(values):  # per-layer counts -> per-group sums (static, tiny)
+        return jnp.stack([sum(values[i] for i, g in enumerate(groups) if g == gi)
+                          for gi in range(num_groups)])
+
+    def layer_counts(compare, t):
+        c = jnp.stack([jnp.sum(compare(k, t[g]), dtype=jnp.int32) for k, g in zip(keys, groups)])
+        return jax.lax.psum(c, axis_name) if axis_name else c
+
+    def body(_, lo_hi):
+        lo, hi = lo_hi  # per group: #(keys >= lo) >= count > #(keys >= hi)
+        mid = lo + (hi - lo) // 2
+        enough = per_group(layer_counts(jnp.greater_equal, mid)) >= counts
+        return jnp.where(enough, mid, lo), jnp.where(enough, hi, mid)
+
+    lo = jnp.zeros((num_groups,), jnp.int32)
+    hi = jnp.full((num_groups,), 2**31 - 1, jnp.int32)
+    t, _ = jax.lax.fori_loop(0, _BISECT_PASSES, body, (lo, hi))
+    room = counts - per_group(layer_counts(jnp.greater, t))
+    return t, room, layer_counts(jnp.equal, t)
+
+
+def _local_share(key, axis_name, num_shards):
+    """This device's contiguous 1/num_shards of a flat key array (padded with -1)."""
+    chunk = -(-key.size // num_shards)
+    padded = jnp.pad(key, (0, chunk * num_shards - key.size), constant_values=-1)
+    return jax.lax.dynamic_slice_in_dim(padded, jax.lax.axis_index(axis_name) * chunk, chunk)
+
+
+def _thresholds(keys, groups, counts, mesh, axis_name):
+    if mesh is None or mesh.shape[axis_name] == 1:
+        return _group_thresholds(keys, groups, counts)
+    n = mesh.shape[axis_name]
+
+    def sharded(keys):
+        local = [_local_share(k, axis_name, n) for k in keys]
+        return _group_thresholds(local, groups, counts, axis_name)
+
+    replicated = PartitionSpec()
+    return jax.shard_map(sharded, mesh=mesh, in_specs=(replicated,),
+                         out_specs=(replicated, replicated, replicated), check_vma=False)(keys)
+
+
+def _masks_from_thresholds(keys, shapes, dtypes, groups, t, room, ties):
+    """Keep keys > t, then the first `room` keys == t of each group in (layer, flat index) order."""
+    masks = []
+    for i, (key, g) in enumerate(zip(keys, groups)):
+        before = sum((ties[j] for j in range(i) if groups[j] == g), jnp.int32(0))
+        room_here = jnp.clip(room[g] - before, 0, ties[i])  # ties of this layer still to keep
+        n = key.size
+        cut = jax.lax.cond(room_here == ties[i], lambda: jnp.int32(n),
+                           lambda: jnp.where(room_here == 0, jnp.int32(0),
+                                             masking._tie_cut(key, t[g], jnp.maximum(room_here, 1))))
+        keep = (key > t[g]) | ((key == t[g]) & (jnp.arange(n, dtype=jnp.int32) < cut))
+        masks.append(keep.reshape(shapes[i]).astype(dtypes[i]))
+    return masks
+
+
+SELECTION_METHODS = ("batched", "per_layer")
+
+
+def select_masks(scores: list, keep_fraction: float, scope: str = "layer", mesh=None,
+                 axis_name: str = "data", method: str | None = None) -> list:
+    """The 0/1 top-k masks of |scores| for a list of score arrays, all selected together.
+
+    With `mesh`, the counting is split over `axis_name` (call inside jit; scores replicated).
+    method: None picks per compiled platform: on CPU, layer scope uses each layer's radix select
+    (masking.topk_mask_forward: 2-3 histogram passes, cheaper there than 31 counting passes);
+    everywhere else, and for the global scope, the batched bisection. "batched" or "per_layer"
+    force one (for tests and benchmarks).
+    """
+    check_mask_scope(scope)
+    keep_fraction = masking.check_keep_fraction(keep_fraction)
+    if method not in (None, *SELECTION_METHODS):
+        raise ValueError(f"unknown selection method {method!r}; allowed: {', '.join(SELECTION_METHODS)}")
+    if method == "per_layer" and scope != "layer":
+        raise ValueError("method='per_layer' selects each layer on its own: it needs scope='layer'")
+    if method == "per_layer":
+        return [masking.topk_mask_forward(s, keep_fraction) for s in scores]
+    batched = functools.partial(_select_batched, keep_fraction=keep_fraction, scope=scope,
+                                mesh=mesh, axis_name=axis_name)
+    if method == "batched" or scope != "layer":
+        return batched(scores)
+    return jax.lax.platform_dependent(
+        scores, cpu=lambda s: [masking.topk_mask_forward(x, keep_fraction) for x in s],
+        default=batched)
+
+
+def _select_batched(scores, *, keep_fraction, scope, mesh, axis_name):
+    sizes = [s.size for s in scores]
+    groups = list(range(len(scores))) if scope == "layer" else [0] * len(scores)
+    totals = [sum(n for n, g in zip(sizes, groups) if g == gi) for gi in range(max(groups) + 1)]
+    counts = jnp.array([masking.kept_count(n, keep_fraction) for n in totals], jnp.int32)
+    keys = [masking._order_keys(s).reshape(-1) for s in scores]
+    t, room, ties = _thresholds(keys, groups, counts, mesh, axis_name)
+    return _masks_from_thresholds(keys, [s.shape for s in scores], [s.dtype for s in scores],
+                                  groups, t, room, ties)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
+def _straight_through(abs_scores, keep_fraction, scope, mesh, axis_name):
+    return select_masks(abs_scores, keep_fraction, scope, mesh, axis_name)
+
+
+def _st_fwd(abs_scores, keep_fraction, scope, mesh, axis_name):
+    return _straight_through(abs_scores, keep_fraction, scope, mesh, axis_name), None
+
+
+def _st_bwd(keep_fraction, scope, mesh, axis_name, _, g):
+    return (g,)
+
+
+_straight_through.defvjp(_st_fwd, _st_bwd)
+
+
+def masks_by_path(scores: dict, keep_fraction: float, scope: str = "layer", mesh=None,
+                  axis_name: str = "data", method: str | None = None) -> dict:
+    """select_masks over a {path: scores} dict (paths as tuples or "/"-joined), layers in sorted
+    path order (the global scope's tie order, as in edge_popup_masks), as {path: mask}. Forward only: no gradient (for counting and export)."""
+    paths = sorted(scores, key=lambda p: tuple(p.split("/")) if isinstance(p, str) else tuple(p))
+    masks = select_masks([scores[p] for p in paths], keep_fraction, scope, mesh, axis_name, method)
+    return dict(zip(paths, masks))
+
+
+def edge_popup_masks(params, keep_fraction: float, scope: str = "layer", mesh=None,
+                     axis_name: str = "data"):
+    """The `masks` collection for model.apply: every `scores` leaf of params -> its top-k mask,
+    all selected together (select_masks; layers in sorted path order), with the straight-through
+    gradient of masking.topk_mask (d mask / d scores = sign(scores))."""
+    flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params))
+    paths = sorted(p for p in flat if p[-1] == "scores")
+    if not paths:
+        return {}
+    abs_scores = [jnp.abs(flat[p]) for p in paths]
+    masks = _straight_through(abs_scores, keep_fraction, scope, mesh, axis_name)
+    return flax.traverse_util.unflatten_dict(dict(zip(paths, masks)))
