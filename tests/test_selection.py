@@ -1,0 +1,153 @@
+"""The batched mask selection (selection.py): exact against a sort for every model's layers,
+ties and bf16 included; the global scope; split over 8 devices; one loop on accelerators."""
+import pathlib
+import sys
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from edgepopup_jax import masking, selection, sharding, train  # noqa: E402
+from edgepopup_jax.models import MODEL_NAMES, get_model  # noqa: E402
+
+
+def sort_reference(scores: np.ndarray, keep_fraction: float) -> np.ndarray:
+    """Top kept_count(n, k) of |scores| by a stable sort (ties to the lower flat index)."""
+    flat = np.abs(np.asarray(scores, np.float32)).reshape(-1)
+    order = np.argsort(-flat, kind="stable")
+    mask = np.zeros(flat.size, bool)
+    mask[order[:masking.kept_count(flat.size, keep_fraction)]] = True
+    return mask.reshape(np.shape(scores))
+
+
+def model_score_shapes(name: str) -> dict:
+    """{path: shape} of every scores leaf; ResNets at width 1/8 (the same 20-54 layers, smaller)."""
+    options = {"width": 0.125} if "resnet" in name else {}
+    size = 224 if name.startswith(("resnet", "wide")) else 32
+    model = get_model(name, num_classes=10, **options)
+    shapes = jax.eval_shape(lambda: model.init({"params": jax.random.key(0)},
+                                               jnp.zeros((1, size, size, 3)), train=False))
+    flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(shapes["params"]))
+    return {p: s.shape for p, s in flat.items() if p[-1] == "scores"}
+
+
+KINDS = ("normal", "ties", "bf16")
+
+
+def random_scores(shapes: dict, kind: str | None, seed: int = 0) -> dict:
+    """Random scores; kind None: the kinds in turn, layer by layer (one compile covers all)."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for i, (path, shape) in enumerate(shapes.items()):
+        layer_kind = kind or KINDS[i % len(KINDS)]
+        x = rng.standard_normal(shape).astype(np.float32)
+        if layer_kind != "normal":
+            x = np.round(x * 2)  # a handful of distinct values: ties at every threshold
+        out[path] = jnp.asarray(x, jnp.bfloat16 if layer_kind == "bf16" else jnp.float32)
+    return out
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_batched_selection_equals_the_sort_for_every_layer_of_every_model(name):
+    """Random, tied (a handful of values) and bf16 scores, in turn layer by layer."""
+    shapes = model_score_shapes(name)
+    select = jax.jit(lambda s, k: selection.masks_by_path(s, k, method="batched"), static_argnums=1)
+    scores = random_scores(shapes, None)
+    for k in ((0.05, 0.3, 0.5) if name == "conv4" else (0.3,)):
+        masks = select(scores, k)
+        for path, s in scores.items():
+            expect = sort_reference(np.asarray(s.astype(jnp.float32)), k)
+            got = np.asarray(masks[path]) != 0
+            np.testing.assert_array_equal(got, expect, err_msg=f"{name} {path} k={k}")
+            assert got.sum() == masking.kept_count(expect.size, k)
+
+
+def test_global_scope_equals_a_sort_over_the_concatenated_scores():
+    shapes = model_score_shapes("conv4")
+    for kind in ("normal", "ties", "bf16"):
+        scores = random_scores(shapes, kind, seed=1)
+        masks = jax.jit(lambda s: selection.masks_by_path(s, 0.2, "global"))(scores)
+        paths = sorted(scores)  # the documented tie order: layers in sorted path order
+        concat = np.concatenate([np.asarray(scores[p].astype(jnp.float32)).reshape(-1) for p in paths])
+        expect = sort_reference(concat, 0.2)
+        got = np.concatenate([np.asarray(masks[p]).reshape(-1) != 0 for p in paths])
+        np.testing.assert_array_equal(got, expect, err_msg=kind)
+        per_layer = [int(np.asarray(masks[p]).sum()) for p in paths]
+        assert len(set(np.round(np.array(per_layer) / [np.prod(shapes[p]) for p in paths], 3))) > 1
+
+
+@pytest.mark.parametrize("scope", selection.MASK_SCOPES)
+def test_selection_split_over_8_devices_equals_one_device(scope):
+    assert len(jax.devices()) == 8
+    scores = random_scores(model_score_shapes("cifar_resnet18"), "ties", seed=2)
+    one = jax.jit(lambda s: selection.masks_by_path(s, 0.4, scope, method="batched"))(scores)
+    for n in (8, 3):
+        mesh = sharding.make_mesh(jax.devices()[:n])
+        split = jax.jit(lambda s: selection.masks_by_path(s, 0.4, scope, mesh, method="batched"),
+                        in_shardings=sharding.replicated(mesh))(scores)
+        for path in scores:
+            np.testing.assert_array_equal(np.asarray(split[path]), np.asarray(one[path]))
+
+
+def test_accelerator_step_has_one_selection_loop_and_one_all_reduce_per_pass():
+    """Lowered for a GPU: one while loop for all 7 masked layers of conv4 (31 passes) over each
+    device's 1/8 of every layer, with one all-reduce of the 7 per-layer counts per pass (plus two
+    after the loop); on CPU, the per-layer radix select (no loop)."""
+    params = flax.traverse_util.unflatten_dict(random_scores(model_score_shapes("conv4"), "normal"))
+    mesh = sharding.make_mesh(jax.devices()[:8])
+    fn = jax.jit(lambda p: selection.edge_popup_masks(p, 0.5, "layer", mesh),
+                 in_shardings=sharding.replicated(mesh))
+    gpu = fn.trace(params).lower(lowering_platforms=("cuda",)).as_text()
+    assert gpu.count("stablehlo.while") == 1
+    loop = gpu[gpu.index("stablehlo.while"):].splitlines()[0]
+    assert "tensor<7xi32>" in loop and "tensor<216xi32>" in loop  # conv0: 1,728 scores / 8
+    assert gpu.count('"stablehlo.all_reduce"') == 3
+    cpu = fn.trace(params).lower(lowering_platforms=("cpu",)).as_text()
+    assert "\"stablehlo.all_reduce\"" not in cpu and "scatter" in cpu
+
+
+def test_masks_collection_gives_the_layers_own_masks_and_gradients():
+    model = get_model("conv4", num_classes=10, keep_fraction=0.3)
+    x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
+    variables = model.init({"params": jax.random.key(0)}, x)
+
+    def loss(params, masks):
+        v = {**variables, "params": params}
+        if masks:
+            v = {**v, selection.MASKS: selection.edge_popup_masks(params, 0.3)}
+        return jnp.sum(model.apply(v, x) ** 2)
+
+    own, batched = (jax.value_and_grad(loss)(variables["params"], m) for m in (False, True))
+    np.testing.assert_allclose(own[0], batched[0], rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(own[1]), jax.tree.leaves(batched[1])):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_global_scope_needs_the_masks_collection():
+    model = get_model("conv2", num_classes=10, mask_scope="global")
+    x = jnp.zeros((1, 32, 32, 3))
+    variables = model.init({"params": jax.random.key(0)}, x)
+    with pytest.raises(ValueError, match="mask_scope='global'"):
+        model.apply(variables, x)
+    masks = selection.edge_popup_masks(variables["params"], 0.5, "global")
+    assert model.apply({**variables, selection.MASKS: masks}, x).shape == (1, 10)
+    with pytest.raises(ValueError, match="mask_scope"):
+        get_model("conv2", mask_scope="everywhere")
+
+
+def test_trainer_runs_the_global_scope(tmp_path):
+    from configs import default
+    c = default.get_config()
+    c.num_train_steps, c.log_every_steps, c.batch_size = 3, 1, 32
+    c.model.mask_scope = "global"
+    c.model.keep_fraction = 0.1
+    results = train.train_and_evaluate(c, str(tmp_path), devices=jax.devices()[:2])
+    assert results["weights_kept"] == masking.kept_count(results["weights_total"], 0.1)
+    kept = [r["kept"] / r["total"] for r in results["layers"]]
+    assert max(kept) - min(kept) > 0.01  # layers keep different fractions: one global threshold
+    assert results["eval"]["count"] == 1000
