@@ -374,6 +374,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devic
                 if step % ckpt_every == 0 or step == total_steps:
                     checkpointer.save(step, state, meta)
                 if is_eval_step:
+                    checkpointer.wait()  # the step's checkpoint is complete before evaluating
                     last_eval = evaluate(_variables(state), steps.eval, config, mesh, steps.masks)
                     eval_history.append({"step": step, "epoch": step / steps_per_epoch, **last_eval})
                     logging.info("eval at step %d: top-1 %.4f  top-5 %.4f  loss %.4f (%d examples)",
