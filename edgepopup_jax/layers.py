@@ -72,6 +72,8 @@ class _SubnetLayer(nn.Module):
                                 lambda: init(self.make_rng("params"), shape, self.param_dtype)).value
         scores = self.param("scores", self.score_init or inits.score_init(fan_in=fan_in),
                             shape, self.param_dtype)
+        if self.mask == "edge_popup" and self.has_variable(selection.MASKS, "kernel"):
+            return self.get_variable(selection.MASKS, "kernel")  # W * mask, folded once per eval
         if self.mask == "edge_popup" and self.has_variable(selection.MASKS, "scores"):
             # Selected for all layers at once (selection.edge_popup_masks), as the trainer does.
             return weights * self.get_variable(selection.MASKS, "scores").astype(weights.dtype)

@@ -64,13 +64,16 @@ def cross_entropy(logits, labels, num_classes: int, label_smoothing: float = 0.0
     return optax.softmax_cross_entropy(logits, targets)
 
 
-def with_masks(variables: dict, model, mesh=None) -> dict:
+def with_masks(variables: dict, model, mesh=None, fold: bool = False) -> dict:
     """variables plus the `masks` collection: every edge-popup layer's mask, selected in one pass
-    over all layers (split over the mesh's devices), which the layers then use."""
+    over all layers (split over the mesh's devices), which the layers then use. fold=True (for
+    evaluation) stores W * mask instead of the mask, multiplied here once."""
     if model.mask != "edge_popup" or selection.MASKS in variables:
         return variables
     masks = selection.edge_popup_masks(variables["params"], model.keep_fraction, model.mask_scope,
                                        mesh, sharding.DATA_AXIS)
+    if fold:
+        masks = selection.fold_into_kernels(variables["frozen"], masks)
     return {**variables, selection.MASKS: masks}
 
 
@@ -199,8 +202,9 @@ def make_eval_fn(model, num_classes: int, mesh):
 
 
 def make_masks_fn(model, mesh):
-    """variables -> variables with the `masks` collection, jitted over the mesh (replicated)."""
-    return jax.jit(functools.partial(with_masks, model=model, mesh=mesh),
+    """variables -> variables with the masks folded into the kernels (the `masks` collection),
+    jitted over the mesh (replicated): what an evaluation computes once before its batches."""
+    return jax.jit(functools.partial(with_masks, model=model, mesh=mesh, fold=True),
                    in_shardings=sharding.replicated(mesh), out_shardings=sharding.replicated(mesh))
 
 

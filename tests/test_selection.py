@@ -151,3 +151,20 @@ def test_trainer_runs_the_global_scope(tmp_path):
     kept = [r["kept"] / r["total"] for r in results["layers"]]
     assert max(kept) - min(kept) > 0.01  # layers keep different fractions: one global threshold
     assert results["eval"]["count"] == 1000
+
+
+def test_evaluation_folds_the_masks_into_the_kernels_once():
+    """Steps.masks (once per evaluation) gives W * mask per layer; eval logits are unchanged."""
+    model = get_model("conv2", num_classes=10, keep_fraction=0.3)
+    x = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
+    variables = model.init({"params": jax.random.key(0)}, x)
+    mesh = sharding.make_mesh(jax.devices()[:2])
+    folded = train.make_masks_fn(model, mesh)(variables)
+    for layer, entry in folded[selection.MASKS].items():
+        w = variables["frozen"][layer]["kernel"]
+        expect = w * masking.topk_mask_reference(variables["params"][layer]["scores"], 0.3)
+        np.testing.assert_array_equal(np.asarray(entry["kernel"]), np.asarray(expect))
+    np.testing.assert_allclose(model.apply(folded, x), model.apply(variables, x), rtol=1e-6)
+    # The folded program multiplies no kernel by a mask: no selection, no scores read.
+    hlo = jax.jit(model.apply).lower(folded, x).as_text()
+    assert "stablehlo.while" not in hlo and "scatter" not in hlo
