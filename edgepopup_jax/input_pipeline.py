@@ -58,6 +58,7 @@ class _Source:
     num_examples: int
     read: Callable[[int, int], tf.data.Dataset]  # (start, end) -> examples [start, end) in fixed order
     decode: Callable[[tf.Tensor], tf.Tensor]
+    channels: int | None = None  # set for encoded images (bytes): JPEGs can decode only the crop
 
 
 # ----------------------------------------------------------------------------- sources
@@ -126,6 +127,7 @@ def _folder_source(data_dir: str, split: str) -> _Source:
             {"image": paths[start:end], "label": labels[start:end]}
         ).map(lambda ex: {"image": tf.io.read_file(ex["image"]), "label": ex["label"]}, num_parallel_calls=_AUTOTUNE),
         decode=functools.partial(_decode_image, channels=channels),
+        channels=channels,
     )
 
 
@@ -179,6 +181,7 @@ def _tfds_source(name: str, data_dir: str | None, split: str) -> _Source:
         num_examples=builder.info.splits[split].num_examples,
         read=read,
         decode=functools.partial(_decode_image, channels=channels),
+        channels=channels,
     )
 
 
@@ -250,22 +253,50 @@ def _cifar_augment(image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
     return tf.image.stateless_random_flip_left_right(image, seed=flip_seed)
 
 
-def _random_resized_crop(image: tf.Tensor, seed: tf.Tensor, size: int) -> tf.Tensor:
-    """Inception-style crop (area 8%-100%, aspect 3/4-4/3, whole image as fallback), resized to size x size."""
-    crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
-    begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
-        tf.shape(image),
+def _crop_window(image_shape: tf.Tensor, seed: tf.Tensor):
+    """Inception-style crop window (area 8%-100%, aspect 3/4-4/3, whole image as fallback)."""
+    return tf.image.stateless_sample_distorted_bounding_box(
+        image_shape,
         bounding_boxes=tf.constant([0.0, 0.0, 1.0, 1.0], tf.float32, [1, 1, 4]),
-        seed=crop_seed,
+        seed=seed,
         min_object_covered=0.0,
         aspect_ratio_range=(3 / 4, 4 / 3),
         area_range=(0.08, 1.0),
         max_attempts=10,
         use_image_if_no_bounding_boxes=True,
-    )
-    image = tf.slice(image, begin, crop_size)
-    image = tf.image.resize(image, (size, size), method="bilinear", antialias=True)
+    )[:2]
+
+
+def _resize_and_flip(crop: tf.Tensor, flip_seed: tf.Tensor, size: int) -> tf.Tensor:
+    image = tf.image.resize(crop, (size, size), method="bilinear", antialias=True)
     return tf.image.stateless_random_flip_left_right(image, seed=flip_seed)
+
+
+def _random_resized_crop(image: tf.Tensor, seed: tf.Tensor, size: int) -> tf.Tensor:
+    """A random crop window of the decoded image, resized to size x size, randomly flipped."""
+    crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+    begin, crop_size = _crop_window(tf.shape(image), crop_seed)
+    return _resize_and_flip(tf.slice(image, begin, crop_size), flip_seed, size)
+
+
+def _decode_random_resized_crop(raw: tf.Tensor, seed: tf.Tensor, size: int, channels: int) -> tf.Tensor:
+    """_random_resized_crop(decode(raw)) with the same window and pixels, but a JPEG decodes only
+    the window (decode_and_crop_jpeg); other formats decode whole."""
+    crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+
+    def jpeg():
+        shape = tf.image.extract_jpeg_shape(raw)
+        begin, crop_size = _crop_window(tf.concat([shape[:2], [channels]], 0), crop_seed)
+        window = tf.stack([begin[0], begin[1], crop_size[0], crop_size[1]])
+        return tf.image.decode_and_crop_jpeg(raw, window, channels=channels)
+
+    def other():
+        image = _decode_image(raw, channels)
+        begin, crop_size = _crop_window(tf.shape(image), crop_seed)
+        return tf.slice(image, begin, crop_size)
+
+    crop = tf.cond(tf.io.is_jpeg(raw), jpeg, other)
+    return _resize_and_flip(crop, flip_seed, size)
 
 
 def _resize_center_crop(image: tf.Tensor, size: int) -> tf.Tensor:
@@ -347,6 +378,8 @@ def train_iterator(
     # Attach each example's index in the split: it seeds the example's augmentation.
     base = tf.data.Dataset.zip(tf.data.Dataset.range(start, start + shard_size), source.read(start, start + shard_size))
     decode = source.decode
+    # ImageNet-style training from encoded images: decode only the random crop of each JPEG.
+    fused_crop = config.augment == "imagenet" and source.channels is not None and not config.cache
     if config.cache:
         base = base.map(lambda i, ex: (i, {**ex, "image": decode(ex["image"])}), num_parallel_calls=_AUTOTUNE).cache()
         decode = lambda image: image  # noqa: E731
@@ -356,7 +389,11 @@ def train_iterator(
 
         def transform(i, ex):
             aug_seed = tf.stack([tf.constant(epoch_seed, tf.int64), i])
-            image = _train_transform(config, decode(ex["image"]), aug_seed)
+            if fused_crop:
+                image = _normalize(_decode_random_resized_crop(
+                    ex["image"], aug_seed, config.image_size, source.channels), config.mean, config.std)
+            else:
+                image = _train_transform(config, decode(ex["image"]), aug_seed)
             return {"image": image, "label": tf.cast(ex["label"], tf.int32)}
 
         ds = base.shuffle(config.shuffle_buffer, seed=epoch_seed, reshuffle_each_iteration=False)

@@ -363,3 +363,30 @@ def test_batch_larger_than_shard_raises():
 def test_unprepared_tfds_dataset_raises_with_location(tmp_path):
     with pytest.raises(ValueError, match=f"not prepared.*{tmp_path}"):
         ip.get_info(make_config(name="cifar10", data_dir=str(tmp_path)))
+
+
+def test_jpeg_training_crop_decodes_only_the_window():
+    """decode_and_crop_jpeg gives the same window as decoding the whole JPEG and cropping it, and
+    the same pixels except the window's outermost row/column (chroma upsampling at its edge)."""
+    import tensorflow as tf
+
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        h, w = (int(v) for v in rng.integers(40, 300, 2))
+        pixels = tf.image.resize(rng.integers(0, 256, (h, w, 3), np.uint8), (h, w)).numpy().astype(np.uint8)
+        raw = tf.io.encode_jpeg(pixels, quality=85)
+        seed = tf.constant([7, i], tf.int64)
+        full = ip._decode_image(raw, 3)
+        begin, size = ip._crop_window(tf.shape(full), seed)
+        whole_then_crop = tf.slice(full, begin, size).numpy()
+        window = tf.stack([begin[0], begin[1], size[0], size[1]])
+        only_window = tf.image.decode_and_crop_jpeg(raw, window, channels=3).numpy()
+        assert only_window.shape == whole_then_crop.shape
+        np.testing.assert_array_equal(only_window[1:-1, 1:-1], whole_then_crop[1:-1, 1:-1])
+        fused = ip._decode_random_resized_crop(raw, seed, 32, 3).numpy()
+        plain = ip._random_resized_crop(full, seed, 32).numpy()
+        assert fused.shape == plain.shape == (32, 32, 3)
+        assert np.mean(np.abs(fused - plain)) < 3.0  # only the resized border can differ
+    png = tf.io.encode_png(pixels)  # other formats: decoded whole, identical
+    np.testing.assert_array_equal(ip._decode_random_resized_crop(png, seed, 32, 3).numpy(),
+                                  ip._random_resized_crop(ip._decode_image(png, 3), seed, 32).numpy())

@@ -1,0 +1,147 @@
+"""One command for a GPU/TPU host: the trainer's real step, edge-popup vs dense, in bf16.
+
+    PYTHONPATH=. python benchmarks/accelerator.py [--models conv4,cifar_resnet18,resnet50,wide_resnet50_2]
+        [--rounds 20] [--batch_scale 1.0] [--input_images 2000]
+
+For each model, at the paper's global batch (CIFAR nets 128, ImageNet nets 256; --batch_scale
+multiplies it) over all local devices, with the trainer's own jitted step (train.make_steps:
+same shardings, donation, batched mask selection):
+  * images/s of the dense baseline and of edge-popup, alternating step by step in one run;
+  * the mask selection's share of the edge-popup step (train.with_masks alone, jitted, timed
+    in the same rounds);
+and then the ImageNet input pipeline's images/s (train and eval transforms) on a folder of
+generated 500x375 JPEGs. Works on CPU too (small --batch_scale) as a smoke test.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import tempfile
+import time
+
+import jax
+import numpy as np
+
+from edgepopup_jax import input_pipeline, sharding, train
+
+CIFAR = {"conv4", "cifar_resnet18"}
+
+
+def _config(name: str, mode: str, batch: int):
+    from configs import cifar10, imagenet
+    c = cifar10.get_config(name) if name in CIFAR else imagenet.get_config(name)
+    c.model.mask = mode
+    c.model.compute_dtype = "bfloat16"
+    c.batch_size = batch
+    return c
+
+
+def _runner(name: str, mode: str, batch: int, mesh):
+    c = _config(name, mode, batch)
+    size, classes = (32, 10) if name in CIFAR else (224, 1000)
+    info = input_pipeline.DatasetInfo(classes, (size, size, 3), batch * 100, 1000)
+    plan = train.make_plan(c, info)
+    steps = train.make_steps(c, info, plan, mesh)
+    state = [steps.init(c.seed)]
+    rng = np.random.default_rng(0)
+    local = sharding.local_batch_size(batch, mesh)
+    batch_data = sharding.to_global({
+        "image": rng.standard_normal((local, size, size, 3)).astype(np.float32),
+        "label": rng.integers(0, classes, local).astype(np.int32)}, mesh)
+    masks = jax.jit(functools.partial(train.with_masks, model=plan.model, mesh=mesh))
+
+    def step():
+        t = time.perf_counter()
+        state[0], metrics = steps.train(state[0], batch_data)
+        jax.block_until_ready(metrics)
+        return time.perf_counter() - t
+
+    def selection():
+        t = time.perf_counter()
+        jax.block_until_ready(masks(train._variables(state[0])))
+        return time.perf_counter() - t
+
+    return step, selection
+
+
+def bench_steps(models, rounds, batch_scale):
+    mesh = sharding.make_mesh()
+    print(f"devices: {mesh.devices.size} x {jax.devices()[0].device_kind}; bf16; "
+          f"median of {rounds} alternating rounds\n")
+    print("| model | global batch | dense img/s | edge-popup img/s | edge-popup / dense step | "
+          "selection share of the edge-popup step |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name in models:
+        batch = max(mesh.devices.size, int((128 if name in CIFAR else 256) * batch_scale)
+                    // mesh.devices.size * mesh.devices.size)
+        dense, _ = _runner(name, "dense", batch, mesh)
+        popup, select = _runner(name, "edge_popup", batch, mesh)
+        for f in (dense, popup, select, dense, popup, select):  # compile, warm up
+            f()
+        times = {"dense": [], "popup": [], "select": []}
+        for _ in range(rounds):
+            times["dense"].append(dense())
+            times["popup"].append(popup())
+            times["select"].append(select())
+        med = {k: float(np.median(v)) for k, v in times.items()}
+        print(f"| {name} | {batch} | {batch / med['dense']:,.0f} | {batch / med['popup']:,.0f} | "
+              f"{med['popup'] / med['dense']:.3f} | {med['select'] / med['popup']:.1%} |", flush=True)
+
+
+def bench_input(num_images: int, batch: int = 128):
+    import tensorflow as tf
+    from configs import imagenet
+    root = tempfile.mkdtemp(prefix="jpegs_")
+    rng = np.random.default_rng(0)
+    for split in ("train", "validation"):
+        for i in range(num_images if split == "train" else num_images // 2):
+            d = os.path.join(root, split, f"class{i % 10}")
+            os.makedirs(d, exist_ok=True)
+            pixels = rng.integers(0, 256, (375, 500, 3), np.uint8)
+            tf.io.write_file(os.path.join(d, f"{i}.jpg"), tf.io.encode_jpeg(pixels, quality=90))
+    c = imagenet.get_config("resnet50").data
+    c.name, c.data_dir, c.shuffle_buffer = "folder", root, 1024
+    print(f"\nImageNet-style input ({os.cpu_count()} CPU cores, 500x375 JPEGs, batch {batch}):\n")
+    print("| transform | images/s | images/s per core |")
+    print("|---|---:|---:|")
+    train_batches = max(num_images // batch - 1, 1)
+    fused = input_pipeline._decode_random_resized_crop
+
+    def decode_whole(raw, seed, size, channels):  # the transform before decode_and_crop_jpeg
+        return input_pipeline._random_resized_crop(input_pipeline._decode_image(raw, channels), seed, size)
+
+    rates = {}
+    for label in ("train, decode whole then crop", "train, decode only the crop", "eval"):
+        input_pipeline._decode_random_resized_crop = decode_whole if "whole" in label else fused
+        try:
+            if label.startswith("train"):  # one warm-up batch, then a timed epoch's worth
+                it = input_pipeline.train_iterator(c, batch)
+                next(it)
+                t, n = time.perf_counter(), 0
+                for _ in range(train_batches):
+                    n += len(next(it)["label"])
+            else:  # the whole split once, counting real (unpadded) images
+                t, n = time.perf_counter(), 0
+                for b in input_pipeline.eval_iterator(c, batch, 0, 1):
+                    n += int(b["mask"].sum())
+        finally:
+            input_pipeline._decode_random_resized_crop = fused
+        rates[label] = n / (time.perf_counter() - t)
+        print(f"| {label} | {rates[label]:,.0f} | {rates[label] / os.cpu_count():,.0f} |", flush=True)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", default="conv4,cifar_resnet18,resnet50,wide_resnet50_2")
+    p.add_argument("--rounds", type=int, default=20)
+    p.add_argument("--batch_scale", type=float, default=1.0)
+    p.add_argument("--input_images", type=int, default=2000, help="0 skips the input benchmark")
+    args = p.parse_args()
+    bench_steps([m for m in args.models.split(",") if m], args.rounds, args.batch_scale)
+    if args.input_images:
+        bench_input(args.input_images)
+
+
+if __name__ == "__main__":
+    main()
