@@ -47,7 +47,7 @@ def _runner(name: str, mode: str, batch: int, mesh):
     rng = np.random.default_rng(0)
     local = sharding.local_batch_size(batch, mesh)
     batch_data = sharding.to_global({
-        "image": rng.standard_normal((local, size, size, 3)).astype(np.float32),
+        "image": rng.integers(0, 256, (local, size, size, 3), np.uint8),
         "label": rng.integers(0, classes, local).astype(np.int32)}, mesh)
     masks = jax.jit(functools.partial(train.with_masks, model=plan.model, mesh=mesh))
 

@@ -62,7 +62,7 @@ def evaluate(config, subnet_path: str | None = None, workdir: str | None = None,
                          f"{info.num_classes}")
     mesh = sharding.make_mesh(devices)
     variables = jax.device_put(variables, sharding.replicated(mesh))
-    metrics = train.evaluate(variables, train.make_eval_fn(model, info.num_classes, mesh), config, mesh)
+    metrics = train.evaluate(variables, train.make_eval_fn(model, info.num_classes, mesh, config.data), config, mesh)
     return metrics, rows
 
 

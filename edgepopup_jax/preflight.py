@@ -162,7 +162,8 @@ def train_flops(config, target: targets.Target) -> float:
     info, plan = _prepare(config, target)
     fn = functools.partial(train.train_step, model=plan.model, tx=plan.tx,
                            num_classes=info.num_classes,
-                           label_smoothing=config.optim.get("label_smoothing", 0.0))
+                           label_smoothing=config.optim.get("label_smoothing", 0.0),
+                           mean=tuple(config.data.mean), std=tuple(config.data.std))
     state = jax.eval_shape(functools.partial(train.create_state, plan.model, plan.tx,
                                              tuple(info.image_shape), config.seed))
     batch = input_pipeline.batch_shapes(info, config.batch_size)

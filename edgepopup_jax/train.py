@@ -78,12 +78,13 @@ def with_masks(variables: dict, model, mesh=None, fold: bool = False) -> dict:
 
 
 def train_step(state: TrainState, batch, *, model, tx, num_classes: int, label_smoothing: float,
-               mesh=None):
+               mean, std, mesh=None):
     rng = jax.random.fold_in(state.rng, state.step)
+    images = input_pipeline.normalize(batch["image"], mean, std)
 
     def loss_fn(params):
         variables = with_masks({**_variables(state), "params": params}, model, mesh)
-        logits, updates = model.apply(variables, batch["image"], train=True,
+        logits, updates = model.apply(variables, images, train=True,
                                       mutable=["batch_stats"], rngs={"mask": rng})
         loss = cross_entropy(logits, batch["label"], num_classes, label_smoothing).mean()
         return loss, (logits, updates.get("batch_stats", state.batch_stats))
@@ -96,10 +97,11 @@ def train_step(state: TrainState, batch, *, model, tx, num_classes: int, label_s
     return state, {"loss": loss, "accuracy": accuracy}
 
 
-def eval_step(variables, batch, *, model, num_classes: int, mesh=None):
+def eval_step(variables, batch, *, model, num_classes: int, mean, std, mesh=None):
     """Sums over the real (mask = 1) examples of the batch: loss, top-1 and top-5 hits, count.
     Uses variables' `masks` when given (the trainer selects them once per evaluation)."""
-    logits = model.apply(with_masks(variables, model, mesh), batch["image"], train=False)
+    images = input_pipeline.normalize(batch["image"], mean, std)
+    logits = model.apply(with_masks(variables, model, mesh), images, train=False)
     mask = batch["mask"]
     labels = batch["label"]
     top = jax.lax.top_k(logits, min(5, num_classes))[1]
@@ -194,9 +196,11 @@ def _write_json_atomically(path: epath.Path, obj) -> None:
     tmp.replace(path)
 
 
-def make_eval_fn(model, num_classes: int, mesh):
-    """eval_step jitted over the mesh: variables replicated, batch sharded."""
-    return jax.jit(functools.partial(eval_step, model=model, num_classes=num_classes, mesh=mesh),
+def make_eval_fn(model, num_classes: int, mesh, data_config):
+    """eval_step jitted over the mesh: variables replicated, batch sharded; normalises the
+    batch's uint8 images with data_config's mean and std."""
+    return jax.jit(functools.partial(eval_step, model=model, num_classes=num_classes, mesh=mesh,
+                                     mean=tuple(data_config.mean), std=tuple(data_config.std)),
                    in_shardings=(sharding.replicated(mesh), sharding.batch_sharded(mesh)),
                    out_shardings=sharding.replicated(mesh))
 
@@ -248,9 +252,11 @@ def make_steps(config, info: input_pipeline.DatasetInfo, plan: Plan, mesh) -> St
     train = jax.jit(functools.partial(train_step, model=plan.model, tx=plan.tx,
                                       num_classes=info.num_classes,
                                       label_smoothing=config.optim.get("label_smoothing", 0.0),
+                                      mean=tuple(config.data.mean), std=tuple(config.data.std),
                                       mesh=mesh),
                     in_shardings=(repl, data), out_shardings=(repl, repl), donate_argnums=0)
-    return Steps(init=init, train=train, eval=make_eval_fn(plan.model, info.num_classes, mesh),
+    return Steps(init=init, train=train,
+                 eval=make_eval_fn(plan.model, info.num_classes, mesh, config.data),
                  masks=make_masks_fn(plan.model, mesh))
 
 

@@ -63,12 +63,33 @@ def test_mnist5k_info():
 
 def test_mnist5k_train_batch_shapes_and_normalisation():
     batch = next(ip.train_iterator(make_config(), batch_size=2000, seed=0))
-    assert batch["image"].shape == (2000, 28, 28, 1) and batch["image"].dtype == np.float32
+    assert batch["image"].shape == (2000, 28, 28, 1) and batch["image"].dtype == np.uint8
     assert batch["label"].shape == (2000,) and batch["label"].dtype == np.int32
-    # MNIST mean/std normalisation: mnist5k's pixel statistics are those of MNIST (0.131 / 0.309).
-    assert abs(batch["image"].mean()) < 0.03
-    assert abs(batch["image"].std() - 1.0) < 0.03
-    np.testing.assert_allclose(batch["image"].min(), -0.1307 / 0.3081, atol=1e-5)
+    # Normalised on the device: mnist5k's pixel statistics are those of MNIST (0.131 / 0.309).
+    image = np.asarray(ip.normalize(batch["image"], (0.1307,), (0.3081,)))
+    assert image.dtype == np.float32
+    assert abs(image.mean()) < 0.03
+    assert abs(image.std() - 1.0) < 0.03
+    np.testing.assert_allclose(image.min(), -0.1307 / 0.3081, atol=1e-5)
+
+
+def test_uint8_batches_normalise_on_device_to_the_images_of_before(tmp_path):
+    """Batches cross as uint8 and `normalize` runs in the step: the same float32 images as the
+    host-side normalisation gave, exactly for pixel-exact augmentations, and within half a pixel
+    level for the resizing ImageNet transforms (which now round to uint8 first)."""
+    mean, std = (0.1307,), (0.3081,)
+    batch = next(ip.train_iterator(make_config(), batch_size=500, seed=0))
+    before = ((tf.cast(batch["image"], tf.float32) / 255.0 - mean) / std).numpy()
+    np.testing.assert_allclose(np.asarray(ip.normalize(batch["image"], mean, std)), before,
+                               rtol=1e-6, atol=1e-6)
+    rng = np.random.default_rng(0)
+    raw = tf.io.encode_jpeg(rng.integers(0, 256, (75, 100, 3), np.uint8))
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    cfg = make_config(augment="imagenet", image_size=32, mean=mean, std=std)
+    resized = ip._resize_center_crop(ip._decode_image(raw, 3), 32)
+    before = ((resized / 255.0 - mean) / std).numpy()
+    after = np.asarray(ip.normalize(ip._eval_transform(cfg, ip._decode_image(raw, 3)).numpy()[None], mean, std))[0]
+    assert np.max(np.abs(after - before)) <= 0.5 / 255 / min(std) + 1e-6
 
 
 def test_mnist5k_splits_balanced_and_disjoint():
@@ -265,7 +286,8 @@ def test_real_cifar10_folder_from_zip(tmp_path):
     assert info.image_shape == (32, 32, 3) and info.num_train == 10 and info.num_eval == 10
     batch = next(ip.train_iterator(cfg, batch_size=10))
     assert batch["image"].shape == (10, 32, 32, 3)
-    assert np.isfinite(batch["image"]).all() and -2.5 < batch["image"].mean() < 2.5
+    image = np.asarray(ip.normalize(batch["image"], cfg.mean, cfg.std))
+    assert batch["image"].dtype == np.uint8 and -2.5 < image.mean() < 2.5
 
 
 # ----------------------------------------------------------------------------- tfds catalog (mocked)

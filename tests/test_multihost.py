@@ -91,7 +91,8 @@ def single_process_reference_losses(config, devices):
                     static_argnums=0, out_shardings=repl)(config.seed)
     step_fn = jax.jit(functools.partial(train.train_step, model=model, tx=tx,
                                         num_classes=info.num_classes,
-                                        label_smoothing=config.optim.get("label_smoothing", 0.0)),
+                                        label_smoothing=config.optim.get("label_smoothing", 0.0),
+                                        mean=tuple(config.data.mean), std=tuple(config.data.std)),
                       in_shardings=(repl, data), out_shardings=(repl, repl))
     local = config.batch_size // NUM_PROCESSES
     iters = [input_pipeline.train_iterator(config.data, batch_size=local, seed=config.seed,
