@@ -1,7 +1,7 @@
 """One command for a GPU/TPU host: the trainer's real step, edge-popup vs dense, in bf16.
 
     PYTHONPATH=. python benchmarks/accelerator.py [--models conv4,cifar_resnet18,resnet50,wide_resnet50_2]
-        [--rounds 20] [--batch_scale 1.0] [--input_images 2000]
+        [--rounds 20] [--batch_scale 1.0] [--input_images 2000] [--dtype bfloat16]
 
 For each model, at the paper's global batch (CIFAR nets 128, ImageNet nets 256; --batch_scale
 multiplies it) over all local devices, with the trainer's own jitted step (train.make_steps:
@@ -28,17 +28,17 @@ from edgepopup_jax import input_pipeline, sharding, train
 CIFAR = {"conv4", "cifar_resnet18"}
 
 
-def _config(name: str, mode: str, batch: int):
+def _config(name: str, mode: str, batch: int, dtype: str):
     from configs import cifar10, imagenet
     c = cifar10.get_config(name) if name in CIFAR else imagenet.get_config(name)
     c.model.mask = mode
-    c.model.compute_dtype = "bfloat16"
+    c.model.compute_dtype = dtype
     c.batch_size = batch
     return c
 
 
-def _runner(name: str, mode: str, batch: int, mesh):
-    c = _config(name, mode, batch)
+def _runner(name: str, mode: str, batch: int, mesh, dtype: str):
+    c = _config(name, mode, batch, dtype)
     size, classes = (32, 10) if name in CIFAR else (224, 1000)
     info = input_pipeline.DatasetInfo(classes, (size, size, 3), batch * 100, 1000)
     plan = train.make_plan(c, info)
@@ -65,9 +65,9 @@ def _runner(name: str, mode: str, batch: int, mesh):
     return step, selection
 
 
-def bench_steps(models, rounds, batch_scale):
+def bench_steps(models, rounds, batch_scale, dtype):
     mesh = sharding.make_mesh()
-    print(f"devices: {mesh.devices.size} x {jax.devices()[0].device_kind}; bf16; "
+    print(f"devices: {mesh.devices.size} x {jax.devices()[0].device_kind}; {dtype}; "
           f"median of {rounds} alternating rounds\n")
     print("| model | global batch | dense img/s | edge-popup img/s | edge-popup / dense step | "
           "selection share of the edge-popup step |")
@@ -75,8 +75,8 @@ def bench_steps(models, rounds, batch_scale):
     for name in models:
         batch = max(mesh.devices.size, int((128 if name in CIFAR else 256) * batch_scale)
                     // mesh.devices.size * mesh.devices.size)
-        dense, _ = _runner(name, "dense", batch, mesh)
-        popup, select = _runner(name, "edge_popup", batch, mesh)
+        dense, _ = _runner(name, "dense", batch, mesh, dtype)
+        popup, select = _runner(name, "edge_popup", batch, mesh, dtype)
         for f in (dense, popup, select, dense, popup, select):  # compile, warm up
             f()
         times = {"dense": [], "popup": [], "select": []}
@@ -137,8 +137,9 @@ def main():
     p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--batch_scale", type=float, default=1.0)
     p.add_argument("--input_images", type=int, default=2000, help="0 skips the input benchmark")
+    p.add_argument("--dtype", default="bfloat16", help="compute dtype (float32 for the CPU table)")
     args = p.parse_args()
-    bench_steps([m for m in args.models.split(",") if m], args.rounds, args.batch_scale)
+    bench_steps([m for m in args.models.split(",") if m], args.rounds, args.batch_scale, args.dtype)
     if args.input_images:
         bench_input(args.input_images)
 

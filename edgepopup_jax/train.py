@@ -245,6 +245,21 @@ def make_plan(config: ml_collections.ConfigDict, info: input_pipeline.DatasetInf
                 steps_per_epoch)
 
 
+_COMPILED: dict = {}  # (config, data info, mesh) -> (Plan, Steps), the 8 most recent
+
+
+def plan_and_steps(config, info: input_pipeline.DatasetInfo, mesh) -> tuple[Plan, Steps]:
+    """make_plan and make_steps, reused while config, data and mesh are the same, so a resumed
+    or repeated run in one process (a notebook, the tests) does not compile its steps again."""
+    key = (json.dumps(config.to_dict(), sort_keys=True, default=str), info, mesh)
+    if key not in _COMPILED:
+        plan = make_plan(config, info)
+        _COMPILED[key] = plan, make_steps(config, info, plan, mesh)
+        while len(_COMPILED) > 8:
+            _COMPILED.pop(next(iter(_COMPILED)))
+    return _COMPILED[key]
+
+
 def make_steps(config, info: input_pipeline.DatasetInfo, plan: Plan, mesh) -> Steps:
     repl, data = sharding.replicated(mesh), sharding.batch_sharded(mesh)
     init = jax.jit(functools.partial(create_state, plan.model, plan.tx, tuple(info.image_shape)),
@@ -292,7 +307,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devic
     """
     # Everything that can be wrong with the config fails here, before anything is written.
     info = input_pipeline.get_info(config.data)
-    plan = make_plan(config, info)
+    plan = make_plan(config, info)  # here, so a bad config fails before the mesh is built
     mesh = sharding.make_mesh(devices)
     local_batch = sharding.local_batch_size(config.batch_size, mesh)
     _, eval_global = sharding.eval_batch_sizes(
@@ -301,7 +316,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devic
     eval_every = config.get("eval_every_steps", 0) or steps_per_epoch
     ckpt_every = config.get("checkpoint_every_steps", 0) or steps_per_epoch
     log_every = config.get("log_every_steps", 50)
-    steps = make_steps(config, info, plan, mesh)
+    plan, steps = plan_and_steps(config, info, mesh)
     num_processes = sharding.process_count(mesh)
 
     state = steps.init(config.seed)
