@@ -42,11 +42,14 @@ class Checkpointer:
         return self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=force)
 
-    def restore(self, state_template, expected_meta: dict, step: int | None = None):
+    def restore(self, state_template, expected_meta: dict, step: int | None = None,
+                added_defaults: dict | None = None):
         """Restores `step` (default: the latest) into the shapes/shardings of state_template.
 
         Raises CheckpointError when the checkpoint's meta disagrees with expected_meta on any
         key of expected_meta, or when it cannot be read (corrupt, truncated, other layout).
+        added_defaults: {meta key: {field: default}} for fields added since older checkpoints
+        were written; a checkpoint without such a field counts as having its default.
         """
         step = self.latest_step() if step is None else step
         where = f"checkpoint {step} in {self.directory}"
@@ -55,6 +58,9 @@ class Checkpointer:
         except Exception as e:  # noqa: BLE001 - orbax raises many kinds; all mean "unreadable"
             raise CheckpointError(f"{where} is unreadable ({type(e).__name__}: {e}); move it away "
                                   "or use another --workdir") from e
+        for key, defaults in (added_defaults or {}).items():
+            if isinstance(meta.get(key), dict):
+                meta = {**meta, key: {**defaults, **meta[key]}}
         diffs = {k: (meta.get(k), v) for k, v in expected_meta.items() if meta.get(k) != v}
         if diffs:
             lines = "; ".join(f"{k}: checkpoint has {json.dumps(a)}, this run has {json.dumps(b)}"

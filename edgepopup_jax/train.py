@@ -39,6 +39,10 @@ class TrainState:
     rng: jax.Array  # raw uint32 key; step keys are fold_in(rng, step), so resuming is exact
 
 
+# Model options added after checkpoints were first written, with the value older runs had.
+ADDED_MODEL_OPTIONS = {"mask_scope": "layer"}
+
+
 def build_model(config: ml_collections.ConfigDict, num_classes: int):
     options = config.model.to_dict()
     name = options.pop("name")
@@ -330,8 +334,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devic
                                          max_to_keep=config.get("keep_checkpoints", 3))
     data_order_change = None
     if checkpointer.latest_step() is not None:
-        state, saved_meta = checkpointer.restore(state, {k: meta[k] for k in ("model", "seed", "dataset",
-                                                                               "batch_size")})
+        state, saved_meta = checkpointer.restore(
+            state, {k: meta[k] for k in ("model", "seed", "dataset", "batch_size")},
+            added_defaults={"model": ADDED_MODEL_OPTIONS})
         logging.info("Resumed from step %d of %s", int(state.step), checkpointer.directory)
         saved_processes = saved_meta.get("process_count")
         if saved_processes != num_processes:

@@ -261,3 +261,20 @@ def test_epoch_checkpoint_is_saved_before_evaluation(tmp_path, monkeypatch):
     monkeypatch.undo()
     resumed = train.train_and_evaluate(c, str(tmp_path), devices=one_device())
     assert [h["step"] for h in resumed["train_history"]] == [3, 4]
+
+
+def test_checkpoint_from_before_an_added_model_option_still_resumes(tmp_path):
+    """Checkpoints written before `model.mask_scope` existed belong to a mask_scope='layer' run."""
+    c = small_config(**{"num_train_steps": 4, "checkpoint_every_steps": 2})
+    train.train_and_evaluate(c, str(tmp_path), devices=one_device(), stop_after_steps=2)
+    meta_file = next((tmp_path / "checkpoints" / "2" / "meta").rglob("*"))
+    import json
+    meta = json.loads(meta_file.read_text())
+    del meta["model"]["mask_scope"]  # as an older checkpoint's meta
+    meta_file.write_text(json.dumps(meta))
+    rest = train.train_and_evaluate(c, str(tmp_path), devices=one_device())
+    assert rest["step"] == 4
+    c.model.mask_scope = "global"
+    c.num_train_steps = 6
+    with pytest.raises(ckpt_lib.CheckpointError, match="mask_scope"):
+        train.train_and_evaluate(c, str(tmp_path), devices=one_device())
