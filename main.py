@@ -42,6 +42,10 @@ def main(argv):
         logging.error("%s", e)
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except train.TrainingDiverged as e:  # the run, not the config: exit 1, the checkpoints intact
+        logging.error("%s", e)
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     if jax.process_index() == 0 and results["eval"] is not None:
         print(f"top-1 {results['eval']['top1']:.4f}  top-5 {results['eval']['top5']:.4f}  "
               f"kept {results['weights_kept']:,} of {results['weights_total']:,} weights  "

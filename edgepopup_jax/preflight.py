@@ -218,9 +218,9 @@ def max_batch_per_device(config, target: targets.Target, known: tuple[int, Memor
 
     Keeps a bracket (lo fits, hi does not) and guesses from a straight line through the two
     newest measured peaks (GPU memory grows about linearly with the batch, so that usually hits
-    the boundary in 2-3 compiles), kept at least a quarter inside the bracket so it always
-    shrinks fast (the TPU compiler rematerialises to fit, so its peaks are not linear; a batch
-    that cannot fit does not compile there). Returns (lo, hi): lo is the largest batch seen to
+    the boundary in 2-3 compiles); when the line misses on the same side twice, it bisects (the
+    TPU compiler rematerialises to fit, so its peaks are not linear; a batch that cannot fit
+    does not compile there). Returns (lo, hi): lo is the largest batch seen to
     fit (None: not even 1), hi the smallest seen not to (None: none), hi == lo + 1 when exact.
     """
     n = target.num_devices
@@ -238,7 +238,8 @@ def max_batch_per_device(config, target: targets.Target, known: tuple[int, Memor
     limit = target.usable_bytes
     b0, mem0 = known
     measured = [(b0, mem0.peak)] if mem0 else []  # (batch, peak) of compiles that worked
-    lo, hi = (b0, None) if mem0 and mem0.peak <= limit else (0, b0)
+    lo, hi = (b0, None) if mem0 and mem0.peak <= limit else (0, b0)  # lo fits, hi does not
+    moves = []  # which end of the bracket each compile moved
     for _ in range(max_compiles):
         if hi is not None and hi - lo <= 1:
             break
@@ -252,18 +253,18 @@ def max_batch_per_device(config, target: targets.Target, known: tuple[int, Memor
         else:
             intercept, slope = 0.0, 0.0
         guess = int((limit - intercept) // slope) if slope > 0 else 2 * max(lo, 1)
-        if hi is None:
-            guess = max(guess, lo + 1)
-        else:
-            quarter = (hi - lo) // 4
-            guess = min(max(guess, lo + max(quarter, 1)), hi - max(quarter, 1))
+        if hi is not None and len(moves) >= 2 and moves[-1] == moves[-2]:
+            guess = (lo + hi) // 2  # the line keeps missing on one side: bisect instead
+        guess = max(guess, lo + 1) if hi is None else min(max(guess, lo + 1), hi - 1)
         p = peak(guess)
         if p is not None:
             measured.append((guess, p))
         if p is not None and p <= limit:
             lo = guess
+            moves.append("lo")
         else:
             hi = guess
+            moves.append("hi")
     return (lo or None), hi
 
 

@@ -39,6 +39,8 @@ class TrainState:
     rng: jax.Array  # raw uint32 key; step keys are fold_in(rng, step), so resuming is exact
 
 
+EVAL_MASK_SEED = 0
+
 # Model options added after checkpoints were first written, with the value older runs had.
 ADDED_MODEL_OPTIONS = {"mask_scope": "layer"}
 
@@ -98,14 +100,37 @@ def train_step(state: TrainState, batch, *, model, tx, num_classes: int, label_s
     state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                           batch_stats=batch_stats, opt_state=opt_state)
     accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
-    return state, {"loss": loss, "accuracy": accuracy}
+    finite = jnp.isfinite(loss) & jnp.all(jnp.stack([jnp.all(jnp.isfinite(g))
+                                                     for g in jax.tree.leaves(grads)]))
+    return state, {"loss": loss, "accuracy": accuracy, "finite": finite.astype(jnp.float32)}
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the gradients stopped being finite; no such state is ever saved."""
+
+
+def check_finite(pending: list[tuple[int, dict]], last_saved: int | None) -> None:
+    """Raises TrainingDiverged naming the first step whose loss or gradients were not finite.
+    pending: (step, metrics) not yet checked; reading them is the host sync, so the loop calls
+    this only at log steps and before saving."""
+    for step, metrics in pending:
+        if not float(metrics["finite"]):
+            saved = (f"the latest checkpoint (step {last_saved}) is from before it and intact"
+                     if last_saved is not None else "no checkpoint was saved")
+            raise TrainingDiverged(
+                f"training diverged at step {step}: loss {float(metrics['loss'])}, non-finite loss "
+                f"or gradients; stopped without saving that state ({saved}). Lower "
+                "optim.learning_rate or add warm-up (optim.warmup_epochs), then resume or restart")
 
 
 def eval_step(variables, batch, *, model, num_classes: int, mean, std, mesh=None):
     """Sums over the real (mask = 1) examples of the batch: loss, top-1 and top-5 hits, count.
     Uses variables' `masks` when given (the trainer selects them once per evaluation)."""
     images = input_pipeline.normalize(batch["image"], mean, std)
-    logits = model.apply(with_masks(variables, model, mesh), images, train=False)
+    # A fixed `mask` key: supermask_eval="sample" evaluates one sampled subnetwork, the same in
+    # every batch and every evaluation, on every device (other modes draw nothing from it).
+    logits = model.apply(with_masks(variables, model, mesh), images, train=False,
+                         rngs={"mask": jax.random.PRNGKey(EVAL_MASK_SEED)})
     mask = batch["mask"]
     labels = batch["label"]
     top = jax.lax.top_k(logits, min(5, num_classes))[1]
@@ -372,10 +397,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devic
                 batch = sharding.to_global(next(train_iter), mesh)
                 state, metrics = steps.train(state, batch)
                 step += 1
-                pending.append(metrics)
+                pending.append((step, metrics))
                 steps_since_log += 1
                 if step % log_every == 0 or step == total_steps:
-                    values = jax.tree.map(lambda *xs: float(np.mean(xs)), *jax.device_get(pending))
+                    pending = jax.device_get(pending)
+                    check_finite(pending, checkpointer.latest_step())
+                    values = jax.tree.map(lambda *xs: float(np.mean(xs)), *[m for _, m in pending])
+                    values.pop("finite")
                     pending = []
                     history.append({"step": step, **values})
                     elapsed = time.time() - t_log
@@ -395,13 +423,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devic
                 is_eval_step = step % eval_every == 0 or step == total_steps
                 stop_now = stop_after_steps is not None and step - start_step >= stop_after_steps
                 sync = step % log_every == 0 or is_eval_step
-                if stop_now or preemption.any_process(sync=sync):
+                saving = step % ckpt_every == 0 or step == total_steps
+                stop = stop_now or preemption.any_process(sync=sync)
+                if stop or saving:
+                    check_finite(pending, checkpointer.latest_step())  # never save a diverged state
+                if stop:
                     preempted = True
                     checkpointer.save(step, state, meta, force=True)
                     logging.info("Stopping at step %d (%s); checkpoint saved", step,
                                  "requested" if stop_now else "SIGTERM")
                     break
-                if step % ckpt_every == 0 or step == total_steps:
+                if saving:
                     checkpointer.save(step, state, meta)
                 if is_eval_step:
                     checkpointer.wait()  # the step's checkpoint is complete before evaluating

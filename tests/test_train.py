@@ -278,3 +278,37 @@ def test_checkpoint_from_before_an_added_model_option_still_resumes(tmp_path):
     c.num_train_steps = 6
     with pytest.raises(ckpt_lib.CheckpointError, match="mask_scope"):
         train.train_and_evaluate(c, str(tmp_path), devices=one_device())
+
+
+def test_divergence_stops_the_run_and_is_never_saved(tmp_path):
+    c = small_config(**{"model.mask": "dense", "optim.learning_rate": 1e12, "num_train_steps": 40,
+                        "log_every_steps": 10, "checkpoint_every_steps": 5})
+    with pytest.raises(train.TrainingDiverged, match=r"training diverged at step \d+") as e:
+        train.train_and_evaluate(c, str(tmp_path), devices=one_device())
+    bad_step = int(str(e.value).split("step ")[1].split(":")[0])
+    latest = ckpt_lib.Checkpointer(str(tmp_path / "checkpoints")).latest_step()
+    assert latest is None or latest < bad_step
+    if latest is not None:  # every saved state is finite
+        model = train.build_model(c, 10)
+        tx = train.optim.make_optimizer(c.optim, lambda step: 0.1)
+        fresh = train.create_state(model, tx, (28, 28, 1), c.seed)
+        saved, _ = ckpt_lib.Checkpointer(str(tmp_path / "checkpoints")).restore(fresh, {})
+        assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(saved.params))
+
+
+def test_cli_exits_1_with_a_message_when_training_diverges(tmp_path):
+    p = _main(["--config=configs/default.py", f"--workdir={tmp_path}", "--config.model.mask=dense",
+               "--config.optim.learning_rate=1e12", "--config.num_train_steps=30",
+               "--config.log_every_steps=10"])
+    out, _ = p.communicate(timeout=300)
+    assert p.returncode == 1, out[-3000:]
+    assert "error: training diverged at step" in out and "Traceback" not in out
+
+
+def test_supermask_sample_evaluation_runs_and_is_deterministic(tmp_path):
+    c = small_config(**{"model.mask": "supermask", "model.supermask_eval": "sample",
+                        "num_train_steps": 2})
+    first = train.train_and_evaluate(c, str(tmp_path / "a"), devices=one_device())
+    again = train.train_and_evaluate(c, str(tmp_path / "b"), devices=jax.devices()[:2])
+    assert first["eval"]["count"] == 1000 and 0 <= first["eval"]["top1"] <= 1
+    np.testing.assert_allclose(first["eval"]["loss"], again["eval"]["loss"], rtol=1e-5)
