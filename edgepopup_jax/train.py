@@ -358,11 +358,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devic
     checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                          max_to_keep=config.get("keep_checkpoints", 3))
     data_order_change = None
+    history, eval_history, throughput = [], [], []  # kept in every checkpoint's meta
     if checkpointer.latest_step() is not None:
         state, saved_meta = checkpointer.restore(
             state, {k: meta[k] for k in ("model", "seed", "dataset", "batch_size")},
             added_defaults={"model": ADDED_MODEL_OPTIONS})
         logging.info("Resumed from step %d of %s", int(state.step), checkpointer.directory)
+        saved_history = saved_meta.get("history") or {}
+        history, eval_history, throughput = (list(saved_history.get(k, []))
+                                             for k in ("train", "eval", "throughput"))
         saved_processes = saved_meta.get("process_count")
         if saved_processes != num_processes:
             # Each process shuffles its own contiguous shard, so the batches after this step
@@ -387,11 +391,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devic
                  total_steps, steps_per_epoch, config.batch_size, mesh.devices.size, num_processes,
                  eval_global, eval_global // mesh.devices.size)
 
+    def meta_with_history():
+        return {**meta, "history": {"train": history, "eval": eval_history, "throughput": throughput}}
+
+    def is_eval_step(s):
+        return s % eval_every == 0 or s == total_steps
+
+    def run_evaluation(s):
+        result = evaluate(_variables(state), steps.eval, config, mesh, steps.masks)
+        eval_history.append({"step": s, "epoch": s / steps_per_epoch, **result})
+        logging.info("eval at step %d: top-1 %.4f  top-5 %.4f  loss %.4f (%d examples)",
+                     s, result["top1"], result["top5"], result["loss"], result["count"])
+        writer.scalars(s, {f"eval/{k}": v for k, v in result.items() if k != "count"})
+        return result
+
     t_start = time.time()
-    pending, last_eval, preempted, history, eval_history = [], None, False, [], []
-    t_log, steps_since_log, throughput = time.time(), 0, []
+    pending, last_eval, preempted = [], None, False
+    t_log, steps_since_log = time.time(), 0
     step = start_step
+    if eval_history and eval_history[-1]["step"] == step:
+        last_eval = {k: v for k, v in eval_history[-1].items() if k not in ("step", "epoch")}
     try:  # on any failure, still finish the checkpoint saves already started
+        if 0 < step <= total_steps and is_eval_step(step) and last_eval is None:
+            last_eval = run_evaluation(step)  # saved before its evaluation ran: run it now
         with _Preemption() as preemption:
             while step < total_steps:
                 batch = sharding.to_global(next(train_iter), mesh)
@@ -420,29 +442,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devic
                                           "train/learning_rate": lr, "train/images_per_sec": images_per_sec})
                 # Save (or start saving) the step's checkpoint, and honour SIGTERM, before evaluating:
                 # a failure in evaluation must not lose the training done.
-                is_eval_step = step % eval_every == 0 or step == total_steps
+                evaluating = is_eval_step(step)
                 stop_now = stop_after_steps is not None and step - start_step >= stop_after_steps
-                sync = step % log_every == 0 or is_eval_step
+                sync = step % log_every == 0 or evaluating
                 saving = step % ckpt_every == 0 or step == total_steps
                 stop = stop_now or preemption.any_process(sync=sync)
                 if stop or saving:
                     check_finite(pending, checkpointer.latest_step())  # never save a diverged state
                 if stop:
                     preempted = True
-                    checkpointer.save(step, state, meta, force=True)
+                    checkpointer.save(step, state, meta_with_history(), force=True)
                     logging.info("Stopping at step %d (%s); checkpoint saved", step,
                                  "requested" if stop_now else "SIGTERM")
                     break
                 if saving:
-                    checkpointer.save(step, state, meta)
-                if is_eval_step:
+                    checkpointer.save(step, state, meta_with_history())
+                if evaluating:
                     checkpointer.wait()  # the step's checkpoint is complete before evaluating
-                    last_eval = evaluate(_variables(state), steps.eval, config, mesh, steps.masks)
-                    eval_history.append({"step": step, "epoch": step / steps_per_epoch, **last_eval})
-                    logging.info("eval at step %d: top-1 %.4f  top-5 %.4f  loss %.4f (%d examples)",
-                                 step, last_eval["top1"], last_eval["top5"], last_eval["loss"],
-                                 last_eval["count"])
-                    writer.scalars(step, {f"eval/{k}": v for k, v in last_eval.items() if k != "count"})
+                    last_eval = run_evaluation(step)
         if last_eval is None and not preempted:  # resumed a finished run: nothing to train, still report
             last_eval = evaluate(_variables(state), steps.eval, config, mesh, steps.masks)
     finally:

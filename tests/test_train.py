@@ -1,5 +1,6 @@
 """The trainer end to end on the embedded MNIST-5k default: accuracy, devices, resume, errors."""
 import hashlib
+import json
 import os
 import pathlib
 import shutil
@@ -83,19 +84,31 @@ def test_one_device_and_eight_devices_give_the_same_losses(tmp_path):
     np.testing.assert_allclose(one["eval"]["loss"], eight["eval"]["loss"], rtol=1e-3)
 
 
+WALL_CLOCK = ("wall_time_sec", "images_per_sec")
+
+
 def test_resumed_run_ends_in_exactly_the_uninterrupted_state(tmp_path):
-    c = small_config(**{"num_train_steps": 10, "checkpoint_every_steps": 4})
+    """Stopped at an eval step (saved before its evaluation) and resumed: the same state, and a
+    results.json equal to the uninterrupted run's but for wall-clock fields, history included."""
+    c = small_config(**{"num_train_steps": 10, "checkpoint_every_steps": 4, "eval_every_steps": 5})
     straight = train.train_and_evaluate(c, str(tmp_path / "straight"), devices=one_device())
     part = train.train_and_evaluate(c, str(tmp_path / "resumed"), devices=one_device(),
                                     stop_after_steps=5)
     assert part["preempted"] and part["step"] == 5
     rest = train.train_and_evaluate(c, str(tmp_path / "resumed"), devices=one_device())
-    assert rest["step"] == 10 and [h["step"] for h in rest["train_history"]] == list(range(6, 11))
+    assert rest["step"] == 10 and [h["step"] for h in rest["train_history"]] == list(range(1, 11))
+    assert [e["step"] for e in rest["eval_history"]] == [5, 10]
     assert rest["state_sha256"] == straight["state_sha256"]
-    np.testing.assert_array_equal(losses(rest), losses(straight)[5:])
-    assert rest["eval"] == straight["eval"]
+    np.testing.assert_array_equal(losses(rest), losses(straight))
+    saved = {name: json.loads((tmp_path / name / "results.json").read_text())
+             for name in ("straight", "resumed")}
+    for r in saved.values():
+        for key in WALL_CLOCK:
+            r.pop(key)
+    assert saved["resumed"] == saved["straight"]
     again = train.train_and_evaluate(c, str(tmp_path / "resumed"), devices=one_device())
-    assert again["step"] == 10 and again["train_history"] == [] and again["eval"] == straight["eval"]
+    assert again["step"] == 10 and again["train_history"] == straight["train_history"]
+    assert again["eval"] == straight["eval"] and again["eval_history"] == straight["eval_history"]
 
 
 def test_frozen_weights_do_not_change_and_kept_counts_are_exact(tmp_path):
@@ -196,7 +209,8 @@ def test_sigterm_saves_a_restorable_checkpoint_and_exits_cleanly(tmp_path):
     c.log_every_steps = 1
     # same config as the killed run except the length: the schedule changes, the checkpoint fits
     resumed = train.train_and_evaluate(c, str(tmp_path), devices=one_device())
-    assert [h["step"] for h in resumed["train_history"]] == [saved + 1, saved + 2]
+    assert [h["step"] for h in resumed["train_history"]][-2:] == [saved + 1, saved + 2]
+    assert resumed["train_history"][0]["step"] == 5  # the killed run's history, kept
     shutil.rmtree(tmp_path)
 
 
@@ -218,7 +232,7 @@ def test_any_device_count_trains_evaluates_checkpoints_and_resumes(tmp_path, mod
         assert part["preempted"] and part["step"] == 3 and part["num_devices"] == n
         assert part["eval"]["count"] == 1000  # the eval at step 2
         rest = train.train_and_evaluate(c, workdir, devices=jax.devices()[:n])
-        assert rest["step"] == 4 and [h["step"] for h in rest["train_history"]] == [4]
+        assert rest["step"] == 4 and [h["step"] for h in rest["train_history"]] == [1, 2, 3, 4]
         assert rest["eval"]["count"] == 1000 and rest["data_order_changed"] is None
         evals[n] = rest["eval"]
     first = evals[device_counts[0]]
@@ -260,7 +274,8 @@ def test_epoch_checkpoint_is_saved_before_evaluation(tmp_path, monkeypatch):
     assert ckpt_lib.Checkpointer(str(tmp_path / "checkpoints")).latest_step() == 2
     monkeypatch.undo()
     resumed = train.train_and_evaluate(c, str(tmp_path), devices=one_device())
-    assert [h["step"] for h in resumed["train_history"]] == [3, 4]
+    assert [h["step"] for h in resumed["train_history"]] == [1, 2, 3, 4]
+    assert [e["step"] for e in resumed["eval_history"]] == [2, 4]  # step 2's evaluation rerun
 
 
 def test_checkpoint_from_before_an_added_model_option_still_resumes(tmp_path):
