@@ -10,6 +10,7 @@ import logging as pylogging
 import os
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from absl import logging
 
@@ -28,6 +29,41 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be restored into this run."""
 
 
+FORMAT_VERSION = 2  # 2: meta holds "format" and the state's "checksum"; 1 (no "format"): neither
+
+
+def _words(x):
+    """A leaf's bits as uint32 words (narrower types widened, 64-bit types split in two)."""
+    x = jnp.asarray(x)
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
+    bits = x.dtype.itemsize * 8
+    if x.dtype == jnp.bool_:
+        return x.astype(jnp.uint32).reshape(-1)
+    if bits == 64:
+        return jax.lax.bitcast_convert_type(x, jnp.uint32).reshape(-1)
+    unsigned = {8: jnp.uint8, 16: jnp.uint16, 32: jnp.uint32}[bits]
+    return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32).reshape(-1)
+
+
+@jax.jit
+def _leaf_checksums(state):
+    """Per leaf: sum over words of word * (index + 1), mod 2**32 (position-weighted, so a changed
+    or moved word changes it). Computed where the state lives; only the sums reach the host."""
+    def one(x):
+        w = _words(x)
+        return jnp.sum(w * (jnp.arange(w.size, dtype=jnp.uint32) + 1), dtype=jnp.uint32)
+    return [one(x) for x in jax.tree.leaves(state)]
+
+
+def checksum(state) -> list[int]:
+    return [int(c) for c in jax.device_get(_leaf_checksums(state))]
+
+
+def _leaf_paths(tree) -> list[str]:
+    return [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_leaves_with_path(tree)]
+
+
 class Checkpointer:
     def __init__(self, directory: str, *, max_to_keep: int = 3, async_save: bool = True):
         self.directory = os.path.abspath(directory) if "://" not in directory else directory
@@ -39,6 +75,10 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def save(self, step: int, state, meta: dict, *, force: bool = False) -> bool:
+        """Saves state and meta (plus the format version and the state's checksum)."""
+        if not force and not self.manager.should_save(step):
+            return False
+        meta = {**meta, "format": FORMAT_VERSION, "checksum": checksum(state)}
         return self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=force)
 
@@ -74,6 +114,17 @@ class Checkpointer:
         except Exception as e:  # noqa: BLE001
             raise CheckpointError(f"{where} could not be restored into this model "
                                   f"({type(e).__name__}: {e})") from e
+        if "checksum" in meta:  # each process checks the state as it restored it, on its devices
+            got = checksum(restored)
+            bad = [path for path, a, b in zip(_leaf_paths(restored), got, meta["checksum"]) if a != b]
+            if bad or len(got) != len(meta["checksum"]):
+                raise CheckpointError(
+                    f"{where} is corrupted: its data no longer matches the checksum saved with it "
+                    f"(in {', '.join(bad[:5]) or 'the number of arrays'}); move that step's "
+                    "directory away to resume from the previous checkpoint")
+        else:
+            logging.warning("%s has no checksum (written before format %d): not verified", where,
+                            FORMAT_VERSION)
         return restored, meta
 
     def restore_raw(self, step: int | None = None):

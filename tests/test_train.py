@@ -327,3 +327,20 @@ def test_supermask_sample_evaluation_runs_and_is_deterministic(tmp_path):
     again = train.train_and_evaluate(c, str(tmp_path / "b"), devices=jax.devices()[:2])
     assert first["eval"]["count"] == 1000 and 0 <= first["eval"]["top1"] <= 1
     np.testing.assert_allclose(first["eval"]["loss"], again["eval"]["loss"], rtol=1e-5)
+
+
+def test_flipped_byte_in_a_checkpoint_is_caught_by_its_checksum(tmp_path):
+    c, workdir = _trained_workdir(tmp_path)
+    latest = workdir / "checkpoints" / "4"
+    largest = max((f for f in (latest / "state").rglob("*") if f.is_file()), key=lambda f: f.stat().st_size)
+    data = bytearray(largest.read_bytes())
+    data[len(data) // 2] ^= 0x5A
+    largest.write_bytes(bytes(data))
+    before = dir_digest(workdir / "checkpoints")
+    c.num_train_steps = 6
+    with pytest.raises(ckpt_lib.CheckpointError, match="checkpoint 4 .*corrupted") as e:
+        train.train_and_evaluate(c, str(workdir), devices=one_device())
+    assert "checksum" in str(e.value)
+    assert dir_digest(workdir / "checkpoints") == before
+    meta = json.loads(next((latest / "meta").rglob("*")).read_text())
+    assert meta["format"] == ckpt_lib.FORMAT_VERSION and len(meta["checksum"]) > 5
