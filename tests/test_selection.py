@@ -117,8 +117,8 @@ def test_accelerator_step_has_one_selection_loop_and_one_all_reduce_per_pass():
 
 
 def test_masks_collection_gives_the_layers_own_masks_and_gradients():
-    model = get_model("conv2", num_classes=10, keep_fraction=0.3, width=0.5)
-    x = jax.random.normal(jax.random.key(1), (2, 16, 16, 3))
+    model = get_model("conv2", num_classes=10, keep_fraction=0.3, width=0.25)
+    x = jax.random.normal(jax.random.key(1), (2, 8, 8, 3))
     variables = model.init({"params": jax.random.key(0)}, x)
 
     def loss(params, masks):
