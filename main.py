@@ -8,7 +8,7 @@ import os
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # so configs/ can import each other
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # edgepopup_jax, also when not installed
 
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402

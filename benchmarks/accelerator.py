@@ -29,7 +29,7 @@ CIFAR = {"conv4", "cifar_resnet18"}
 
 
 def _config(name: str, mode: str, batch: int, dtype: str):
-    from configs import cifar10, imagenet
+    from edgepopup_jax.configs import cifar10, imagenet
     c = cifar10.get_config(name) if name in CIFAR else imagenet.get_config(name)
     c.model.mask = mode
     c.model.compute_dtype = dtype
@@ -91,7 +91,7 @@ def bench_steps(models, rounds, batch_scale, dtype):
 
 def bench_input(num_images: int, batch: int = 128):
     import tensorflow as tf
-    from configs import imagenet
+    from edgepopup_jax.configs import imagenet
     root = tempfile.mkdtemp(prefix="jpegs_")
     rng = np.random.default_rng(0)
     for split in ("train", "validation"):

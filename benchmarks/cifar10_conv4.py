@@ -15,7 +15,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from configs import cifar10  # noqa: E402
+from edgepopup_jax.configs import cifar10  # noqa: E402
 from absl import logging  # noqa: E402
 
 from edgepopup_jax import input_pipeline, train  # noqa: E402

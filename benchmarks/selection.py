@@ -97,7 +97,7 @@ def loop_stats(hlo: str):
 
 
 def compiled(models, target_specs):
-    from configs import imagenet
+    from edgepopup_jax.configs import imagenet
     from edgepopup_jax import preflight, targets
     print("| model | target | selection | while loops | dependent passes | all-reduce ops (MiB) | "
           "selection reads per device | compile s |")

@@ -84,6 +84,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, os.getcwd())  # so config files can import configs.base
     _define_flags()
     app.run(lambda argv: sys.exit(main(argv)))

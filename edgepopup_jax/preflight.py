@@ -361,6 +361,5 @@ def _define_flags():
 if __name__ == "__main__":
     from absl import app
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    sys.path.insert(0, os.getcwd())  # configs/ import each other as `configs.base`
     _define_flags()
     app.run(lambda argv: sys.exit(main(argv)))

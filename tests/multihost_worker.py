@@ -21,7 +21,7 @@ import jax  # noqa: E402
 
 def worker_config():
     """The config both the workers and the single-process reference in the test use."""
-    from configs import default
+    from edgepopup_jax.configs import default
 
     c = default.get_config()
     c.num_train_steps = int(os.environ.get("MULTIHOST_STEPS", "6"))

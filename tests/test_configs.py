@@ -18,7 +18,7 @@ from absl import flags
 from ml_collections import config_flags
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # as main.py does: configs/ import each other as `configs.*`
+sys.path.insert(0, str(ROOT))
 
 from edgepopup_jax import inits, input_pipeline, masking, optim, train  # noqa: E402
 

@@ -15,7 +15,7 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from configs import cifar10_conv4  # noqa: E402
+from edgepopup_jax.configs import cifar10_conv4  # noqa: E402
 from edgepopup_jax import preflight, targets, train  # noqa: E402
 
 needs_tpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,

@@ -146,7 +146,7 @@ def test_global_scope_needs_the_masks_collection():
 
 
 def test_trainer_runs_the_global_scope(tmp_path):
-    from configs import default
+    from edgepopup_jax.configs import default
     c = default.get_config()
     c.num_train_steps, c.log_every_steps, c.batch_size = 3, 1, 32
     c.model.mask_scope = "global"

@@ -15,7 +15,7 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from configs import default  # noqa: E402
+from edgepopup_jax.configs import default  # noqa: E402
 from edgepopup_jax import checkpoint as ckpt_lib  # noqa: E402
 from edgepopup_jax import train  # noqa: E402
 

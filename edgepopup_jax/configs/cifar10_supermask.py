@@ -3,7 +3,7 @@
 Signed constant weights as Zhou et al.; it needs a very large learning rate (the paper's tuning: ~200).
 Usage: --config=configs/cifar10_supermask.py:conv4
 """
-from configs import cifar10
+from edgepopup_jax.configs import cifar10
 
 
 def get_config(arch: str = "conv4"):

@@ -6,7 +6,7 @@ named files (cifar10_conv4.py, ...). Sweeps are overrides: --config.model.keep_f
 --config.model.scale_by_keep_fraction=True. Data: a prepared tfds `cifar10`, or the PNG folder:
 --config.data.name=folder --config.data.data_dir=/path/to/cifar10_png.
 """
-from configs.base import get_base
+from edgepopup_jax.configs.base import get_base
 
 ARCHS = ("fc", "conv2", "conv4", "conv6", "conv8", "cifar_resnet18")
 

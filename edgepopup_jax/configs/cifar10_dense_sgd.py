@@ -2,7 +2,7 @@
 
 Usage: --config=configs/cifar10_dense_sgd.py:conv4
 """
-from configs import cifar10
+from edgepopup_jax.configs import cifar10
 
 
 def get_config(arch: str = "conv4"):

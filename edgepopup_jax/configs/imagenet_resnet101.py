@@ -1,5 +1,5 @@
 """ImageNet resnet101, edge-popup, k = 0.3, signed constant (see imagenet.py for overrides)."""
-from configs import imagenet
+from edgepopup_jax.configs import imagenet
 
 
 def get_config():

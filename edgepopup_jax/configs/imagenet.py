@@ -6,7 +6,7 @@ Usage: --config=configs/imagenet.py:resnet50 (resnet50, resnet101, wide_resnet50
 named files. ImageNet must be prepared for tfds first (see README): --config.data.data_dir=...
 Kaiming normal instead of signed constant: --config.model.weight_init=kaiming_normal.
 """
-from configs.base import IMAGENET_MEAN, IMAGENET_STD, get_base
+from edgepopup_jax.configs.base import IMAGENET_MEAN, IMAGENET_STD, get_base
 
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_resnet50_2",
          "wide_resnet101_2")

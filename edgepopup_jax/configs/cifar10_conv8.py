@@ -1,5 +1,5 @@
 """CIFAR-10 conv8, edge-popup, the paper's recipe (see cifar10.py for overrides)."""
-from configs import cifar10
+from edgepopup_jax.configs import cifar10
 
 
 def get_config():
