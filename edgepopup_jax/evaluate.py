@@ -8,7 +8,6 @@ by the trainer's own eval step (so the numbers are the ones the trainer reported
 """
 from __future__ import annotations
 
-import os
 import sys
 
 import numpy as np
