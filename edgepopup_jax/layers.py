@@ -188,9 +188,32 @@ class SubnetConv(_SubnetLayer):
 
 
 class NonAffineBatchNorm(nn.BatchNorm):
-    """BatchNorm with no scale and no shift (nothing to learn); running statistics still tracked."""
+    """BatchNorm with no scale and no shift (nothing to learn); running statistics still tracked.
+
+    unbiased_running_var: update the running variance with the unbiased batch variance
+    (times n / (n - 1), n values per feature), as torch.nn.BatchNorm2d does; normalisation in
+    training always uses the biased batch variance (as torch does too).
+    """
 
     use_scale: bool = False
     use_bias: bool = False
     momentum: float = 0.9
     epsilon: float = 1e-5
+    unbiased_running_var: bool = False
+
+    @nn.compact
+    def __call__(self, x, use_running_average: bool | None = None):
+        train = not nn.merge_param("use_running_average", self.use_running_average,
+                                   use_running_average)
+        fix = self.unbiased_running_var and train and not self.is_initializing()
+        before = self.get_variable("batch_stats", "var") if fix else None
+        y = super().__call__(x, use_running_average)
+        if fix:  # the batch variance as flax computes it (XLA shares the reductions), rescaled
+            axes = tuple(i for i in range(x.ndim) if i != self.axis % x.ndim)
+            n = int(np.prod([x.shape[i] for i in axes]))
+            x32 = x.astype(jnp.float32)
+            mean = x32.mean(axes)
+            var = jnp.maximum(0.0, (x32 * x32).mean(axes) - mean * mean) * (n / max(n - 1, 1))
+            self.put_variable("batch_stats", "var",
+                              self.momentum * before + (1 - self.momentum) * var)
+        return y

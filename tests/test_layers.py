@@ -357,3 +357,29 @@ def test_non_affine_batchnorm():
     y_eval = np.asarray(bn_eval.apply(new, x), np.float64)
     ref = (x64 - 0.1 * mean) / np.sqrt(0.9 + 0.1 * var + 1e-5)
     np.testing.assert_allclose(y_eval, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("unbiased", [False, True])
+def test_batchnorm_running_var_as_torch_batchnorm2d(unbiased):
+    """Two training updates and an eval pass against a float64 hand computation of
+    torch.nn.BatchNorm2d(affine=False) (momentum 0.1, eps 1e-5; running_var updated with the
+    unbiased batch variance) with unbiased_running_var=True; flax's biased update otherwise."""
+    xs = [np.asarray(jax.random.normal(jax.random.PRNGKey(i), (4, 3, 3, 5)) * (2.0 + i) + i,
+                     np.float32) for i in (1, 2)]
+    bn = NonAffineBatchNorm(use_running_average=False, unbiased_running_var=unbiased)
+    v = bn.init(jax.random.PRNGKey(0), xs[0])
+    mean, var = np.zeros(5), np.ones(5)  # torch's initial running statistics
+    for x in xs:
+        y, v = bn.apply(v, x, mutable=["batch_stats"])
+        x64 = x.astype(np.float64)
+        m, vb = x64.mean(axis=(0, 1, 2)), x64.var(axis=(0, 1, 2))
+        n = x64.size // 5  # 36 values per feature: n / (n - 1) = 1.029
+        mean = 0.9 * mean + 0.1 * m
+        var = 0.9 * var + 0.1 * (vb * n / (n - 1) if unbiased else vb)
+        np.testing.assert_allclose(np.asarray(y), (x64 - m) / np.sqrt(vb + 1e-5), atol=2e-5)
+        np.testing.assert_allclose(np.asarray(v["batch_stats"]["mean"]), mean, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(v["batch_stats"]["var"]), var, rtol=1e-6)
+    bn_eval = NonAffineBatchNorm(use_running_average=True, unbiased_running_var=unbiased)
+    y_eval = bn_eval.apply(v, xs[1])
+    np.testing.assert_allclose(np.asarray(y_eval), (xs[1] - mean) / np.sqrt(var + 1e-5),
+                               rtol=1e-5, atol=1e-5)

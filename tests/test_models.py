@@ -8,7 +8,7 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from edgepopup_jax.models import MODEL_NAMES, get_model
+from edgepopup_jax.models import MODEL_NAMES, ResNet, get_model
 
 KEY = jax.random.PRNGKey(0)
 MNIST = (1, 28, 28, 1)
@@ -279,3 +279,30 @@ def test_get_model_errors():
         get_model("conv4", num_classes=0)
     with pytest.raises(ValueError):
         get_model("conv4", compute_dtype="float99")
+
+
+def test_resnet_bn_running_var_option():
+    """bn_running_var="unbiased" reaches every BN of a ResNet: each running variance moves by
+    n / (n - 1) times the biased one's move, n = batch x height x width at that layer."""
+    x = jax.random.normal(jax.random.PRNGKey(3), (2, 8, 8, 3))
+    rng = np.random.default_rng(0)
+    fill = {"var": np.ones, "mean": np.zeros, "scale": np.ones, "bias": np.zeros}
+    runs, v = {}, None
+    for kind in ("biased", "unbiased"):  # small and dense: cheap to compile, the same BN code
+        model = ResNet(stage_sizes=(1, 1), cifar_stem=True, width=0.125, mask="dense",
+                       bn_running_var=kind)
+        v = v or jax.tree_util.tree_map_with_path(  # numpy draws: no compile per shape
+            lambda p, a: fill.get(p[-1].key, lambda s, d: rng.normal(0, 0.3, s).astype(d))(
+                a.shape, a.dtype), abstract_init(model, x.shape))
+        _, updates = jax.jit(lambda v_, m=model: m.apply(v_, x, train=True,
+                                                         mutable=["batch_stats"]))(v)
+        runs[kind] = {p: np.asarray(a, np.float64) for p, a in flat(updates["batch_stats"]).items()
+                      if p.endswith("/var")}
+    assert len(runs["biased"]) == 6  # stem, 2 x 2 block BNs, 1 shortcut BN
+    for path, biased in runs["biased"].items():
+        stage = int(path.split("stage")[1][0]) if "stage" in path else 0
+        n = 2 * (8 // 2 ** stage) ** 2  # stage i is 8 / 2**i wide (its first conv has the stride)
+        np.testing.assert_allclose(runs["unbiased"][path] - 0.9, (biased - 0.9) * n / (n - 1),
+                                   rtol=1e-4, atol=3e-7, err_msg=path)
+    with pytest.raises(ValueError, match="allowed: unbiased, biased"):
+        get_model("cifar_resnet18", bn_running_var="torch")

@@ -9,6 +9,8 @@ import jax.numpy as jnp
 from edgepopup_jax.layers import NonAffineBatchNorm, SubnetConv, SubnetDense
 from edgepopup_jax.models.base import MaskedModel
 
+BN_RUNNING_VARS = ("unbiased", "biased")
+
 
 class _Block(nn.Module):
     """Shared shortcut logic; conv and norm are module factories bound to the model's options."""
@@ -70,6 +72,13 @@ class ResNet(MaskedModel):
     width: float = 1.0  # scales every layer's channels (stem, stages); 1.0 is the paper's
     bn_affine: bool | None = None  # None: learned BN scale/shift only for mask="dense"
     bn_momentum: float = 0.9
+    bn_running_var: str = "biased"  # "unbiased": n/(n-1) x batch variance, as torch (the reference)
+
+    def __post_init__(self):
+        if self.bn_running_var not in BN_RUNNING_VARS:
+            raise ValueError(f"unknown bn_running_var {self.bn_running_var!r}; "
+                             f"allowed: {', '.join(BN_RUNNING_VARS)}")
+        super().__post_init__()
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -77,7 +86,8 @@ class ResNet(MaskedModel):
         affine = self.mask == "dense" if self.bn_affine is None else self.bn_affine
         norm = lambda name: NonAffineBatchNorm(  # noqa: E731
             use_running_average=not train, momentum=self.bn_momentum, use_scale=affine,
-            use_bias=affine, dtype=self.dtype, name=name)
+            use_bias=affine, unbiased_running_var=self.bn_running_var == "unbiased",
+            dtype=self.dtype, name=name)
 
         def conv(features, kernel_size, *, name, strides=1, role="hidden", padding=None):
             pad = padding if padding is not None else [((k - 1) // 2, k // 2) for k in kernel_size]
