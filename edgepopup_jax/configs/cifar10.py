@@ -1,5 +1,8 @@
 """CIFAR-10, the paper's recipe: SGD lr 0.1, momentum 0.9, wd 1e-4, batch 128, cosine, 100 epochs.
 
+As the reference runs it: the cosine lr is set once per epoch, its CIFAR normalisation constants,
+and (ResNet-18) BatchNorm's running variance updated with the unbiased batch variance.
+
 Usage: --config=configs/cifar10.py:conv4 (fc, conv2, conv4, conv6, conv8, cifar_resnet18), or the
 named files (cifar10_conv4.py, ...). Sweeps are overrides: --config.model.keep_fraction=0.3,
 --config.model.width=2, --config.model.weight_init=signed_constant,
@@ -21,4 +24,5 @@ def get_config(arch: str = "conv4"):
     if arch == "cifar_resnet18":
         c.batch_size = 256
         c.optim.weight_decay = 5e-4
+        c.model.bn_running_var = "unbiased"  # unbiased | biased (flax's)
     return c

@@ -1,6 +1,7 @@
 """ImageNet, the paper's recipe: SGD lr 0.256 (0.1 with scaled inits), momentum 0.875,
 wd 3.0517578125e-5, batch 256, 100 epochs with 5 warm-up epochs then cosine, label smoothing 0.1,
-keep_fraction 0.3.
+keep_fraction 0.3. As the reference runs it: lr set once per epoch, warm-up lr * (epoch + 1) / 5,
+BatchNorm's running variance updated with the unbiased batch variance.
 
 Usage: --config=configs/imagenet.py:resnet50 (resnet50, resnet101, wide_resnet50_2, ...) or the
 named files. ImageNet must be prepared for tfds first (see README): --config.data.data_dir=...
@@ -20,6 +21,7 @@ def get_config(arch: str = "resnet50"):
     c.model.keep_fraction = 0.3
     c.model.weight_init = "signed_constant"
     c.model.compute_dtype = "bfloat16"
+    c.model.bn_running_var = "unbiased"  # unbiased | biased (flax's)
     c.data.name = "imagenet2012"
     c.data.train_split = "train"
     c.data.eval_split = "validation"
