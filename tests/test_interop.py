@@ -1,9 +1,10 @@
 """Importing the PyTorch reference's checkpoints: same logits, same masks."""
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from edgepopup_jax import masking, subnet
+from edgepopup_jax import masking, selection, subnet
 from edgepopup_jax.interop import hidden_networks as hn
 from edgepopup_jax.models import get_model
 
@@ -195,3 +196,219 @@ def test_import_errors(tmp_path):
     assert hn.main([f"--checkpoint={bad}", "--arch=Conv4", "--keep_fraction=0.3",
                     f"--out={tmp_path / 'y.subnet'}"]) == 2
     assert not (tmp_path / "y.subnet").exists()
+
+
+# ----------------------------------------------------------------------------- layout, layer by layer
+
+
+class RefConvNet(nn.Module):
+    """The reference's frankle.py layout (FC, Conv2..8): `convs` (3x3 convs + ReLU, "M" a 2x2
+    max-pool), the features flattened in (C, H, W) order, then `linear` (1x1 convs + ReLU)."""
+
+    def __init__(self, convs, linears, in_channels=3, side=32, width=1.0):
+        super().__init__()
+        w = lambda n: int(n * width)  # noqa: E731 - the reference's scale()
+        layers, c = [], in_channels
+        for v in convs:
+            if v == "M":
+                layers.append(nn.MaxPool2d((2, 2)))
+                side //= 2
+            else:
+                layers += [RefSubnetConv(c, w(v), 3, padding=1), nn.ReLU()]
+                c = w(v)
+        self.convs = nn.Sequential(*layers)
+        self.flat = (c, side, side)
+        n, lin = c * side * side, []
+        for v in linears:
+            lin += [RefSubnetConv(n, w(v), 1), nn.ReLU()]
+            n = w(v)
+        self.linear = nn.Sequential(*lin, RefSubnetConv(n, 10, 1))
+
+    def forward(self, x):
+        out = self.convs(x)
+        return self.linear(out.reshape(out.size(0), -1, 1, 1)).flatten(1)
+
+
+def _ours_layout(t, ndim, flat_from=None):
+    """A reference (out, in, kh, kw) tensor laid out as ours, by index arithmetic: convs HWIO;
+    linears (in, out), the first after the convs with its inputs in our (H, W, C) flatten order
+    (flat_from = (C, H, W)) instead of the reference's (C, H, W)."""
+    if ndim == 4:
+        return t.transpose(2, 3, 1, 0)
+    t = t[:, :, 0, 0]
+    if flat_from is not None:
+        c, h, w = flat_from
+        i, j, k = np.unravel_index(np.arange(c * h * w), (h, w, c))  # our input = (row i, col j, channel k)
+        t = t[:, (k * h + i) * w + j]  # the reference's input index of that same activation
+    return t.T
+
+
+def _topk(scores, k):
+    """The top kept_count(n, k) of |scores| as a 0/1 array (a stable numpy sort; scores are tie-free)."""
+    flat = np.abs(scores).reshape(-1)
+    mask = np.zeros(flat.size, np.float32)
+    mask[np.argsort(-flat, kind="stable")[:masking.kept_count(flat.size, k)]] = 1
+    return mask.reshape(scores.shape)
+
+
+def _assert_same_layers(ref, variables, ours_of, flat_from=None) -> dict:
+    """Every masked layer: scores, weights and the mask equal the reference's position by position.
+    ours_of: reference module name -> our layer path; flat_from: (name, (C, H, W)) of the first
+    linear after the convs. Returns our masked kernels W * mask as a `masks` collection."""
+    ref_masks = _ref_masks(ref)
+    assert set(ours_of) == set(ref_masks)
+    folded = {}
+    for rname, path in ours_of.items():
+        module = ref.get_submodule(rname)
+        scores, kernel = variables["params"], variables["frozen"]
+        for p in path:
+            scores, kernel = scores[p], kernel[p]
+        scores, kernel = np.asarray(scores["scores"]), np.asarray(kernel["kernel"])
+        perm = flat_from[1] if flat_from and flat_from[0] == rname else None
+        as_ours = lambda t: _ours_layout(t, kernel.ndim, perm)  # noqa: E731
+        np.testing.assert_array_equal(kernel, as_ours(module.weight.detach().numpy()), err_msg=rname)
+        np.testing.assert_array_equal(scores, as_ours(module.scores.detach().numpy()), err_msg=rname)
+        ours_mask = _topk(scores, K)
+        np.testing.assert_array_equal(ours_mask, as_ours(ref_masks[rname]), err_msg=rname)
+        node = folded
+        for p in path:
+            node = node.setdefault(p, {})
+        node["kernel"] = jnp.asarray(kernel * ours_mask)
+    return folded
+
+
+CONVNETS = {  # reference arch: (convs, hidden linears, width used here, input channels and side)
+    "FC": ((), (300, 100), 1.0, (1, 28)),
+    "Conv2": ((64, 64, "M"), (256, 256), 0.25, (3, 32)),
+    "Conv6": ((64, 64, "M", 128, 128, "M", 256, 256, "M"), (256, 256), 0.25, (3, 32)),
+    "Conv8": ((64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M"), (256, 256), 0.25, (3, 32)),
+}
+
+
+@pytest.mark.parametrize("arch", list(CONVNETS))
+def test_convnet_import_maps_every_position(arch):
+    """FC, Conv2, Conv6 and Conv8 (small widths): every layer's weights, scores and mask land
+    where the reference has them, the first linear's inputs reordered from (C, H, W); same logits."""
+    convs, linears, width, (cin, side) = CONVNETS[arch]
+    torch.manual_seed(3)
+    ref = RefConvNet(convs, linears, cin, side, width).eval()
+    _init_weights(ref, signed_constant=False)
+    x = torch.randn(3, cin, side, side)
+    with torch.no_grad():
+        want = ref(x).numpy()
+    name, options, variables = hn.convert_state_dict(_checkpoint(ref)["state_dict"], arch,
+                                                     keep_fraction=K, width=width)
+    assert name == arch.lower() and options.get("width", 1.0) == width
+    conv_names = [n for n, m in ref.convs.named_children() if isinstance(m, RefSubnetConv)]
+    lin_names = [n for n, m in ref.linear.named_children() if isinstance(m, RefSubnetConv)]
+    ours_of = {f"convs.{n}": (f"conv{i}",) for i, n in enumerate(conv_names)}
+    ours_of.update({f"linear.{n}": (f"fc{i}",) for i, n in enumerate(lin_names[:-1])})
+    ours_of[f"linear.{lin_names[-1]}"] = ("head",)
+    folded = _assert_same_layers(ref, variables, ours_of,
+                                 (f"linear.{lin_names[0]}", ref.flat) if convs else None)
+    # the logits of those layers, each with its kernel W * mask (as the trainer's eval folds them)
+    got = jax.jit(get_model(name, **options).apply)({**variables, selection.MASKS: folded},
+                                                     jnp.asarray(x.numpy().transpose(0, 2, 3, 1)))
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+
+
+class RefBottleneck(nn.Module):
+    """The reference's Bottleneck (resnet.py; resnet_cifar.py's is the same at base_width 64):
+    1x1, 3x3 (the stride), 1x1 to 4 * planes, its projection named `downsample` (ImageNet) or
+    `shortcut` (CIFAR)."""
+
+    def __init__(self, cin, planes, stride, base_width, shortcut_name):
+        super().__init__()
+        width = int(planes * base_width / 64)
+        self.conv1, self.bn1 = RefSubnetConv(cin, width, 1), nonaffine_bn(width)
+        self.conv2, self.bn2 = RefSubnetConv(width, width, 3, stride=stride, padding=1), nonaffine_bn(width)
+        self.conv3, self.bn3 = RefSubnetConv(width, 4 * planes, 1), nonaffine_bn(4 * planes)
+        self.shortcut_name = shortcut_name
+        if stride != 1 or cin != 4 * planes:
+            setattr(self, shortcut_name, nn.Sequential(RefSubnetConv(cin, 4 * planes, 1, stride=stride),
+                                                       nonaffine_bn(4 * planes)))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = F.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        proj = getattr(self, self.shortcut_name, None)
+        return F.relu(out + (proj(x) if proj is not None else x))
+
+
+class RefBottleneckResNet(nn.Module):
+    """The reference's ResNet-50 family, stages of `depths` blocks, channels scaled by `width`
+    (the reference's are depths (3, 4, 6, 3) or (3, 4, 23, 3) and width 1; its base_width 128
+    makes WideResNet50_2). cifar: resnet_cifar.py's 3x3 stem without max-pool."""
+
+    def __init__(self, depths, width, base_width=64, cifar=False):
+        super().__init__()
+        s = lambda n: int(n * width)  # noqa: E731
+        self.cifar = cifar
+        self.conv1 = (RefSubnetConv(3, s(64), 3, padding=1) if cifar
+                      else RefSubnetConv(3, s(64), 7, stride=2, padding=3))
+        self.bn1 = nonaffine_bn(s(64))
+        cin = s(64)
+        for i, n in enumerate(depths):
+            blocks = []
+            for j in range(n):
+                blocks.append(RefBottleneck(cin, s(64 * 2**i), 2 if i > 0 and j == 0 else 1, base_width,
+                                            "shortcut" if cifar else "downsample"))
+                cin = 4 * s(64 * 2**i)
+            setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
+        self.depths = depths
+        self.fc = RefSubnetConv(cin, 10, 1)
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        if not self.cifar:
+            out = F.max_pool2d(out, 3, stride=2, padding=1)
+        for i in range(len(self.depths)):
+            out = getattr(self, f"layer{i + 1}")(out)
+        return self.fc(out.mean(dim=(2, 3), keepdim=True)).flatten(1)
+
+
+def _our_resnet_path(rname):
+    """Reference ResNet module name (conv or BN) -> our layer path, spelled out for the test."""
+    stem = {"conv1": ("stem_conv",), "bn1": ("stem_bn",), "fc": ("head",)}
+    if rname in stem:
+        return stem[rname]
+    layer, block, rest = rname.split(".", 2)
+    ours = {"conv1": "conv0", "conv2": "conv1", "conv3": "conv2", "bn1": "bn0", "bn2": "bn1",
+            "bn3": "bn2", "downsample.0": "shortcut_conv", "downsample.1": "shortcut_bn",
+            "shortcut.0": "shortcut_conv", "shortcut.1": "shortcut_bn"}[rest]
+    return (f"stage{int(layer[len('layer'):]) - 1}_block{block}", ours)
+
+
+@pytest.mark.parametrize("arch, base_width, cifar", [("WideResNet50_2", 128, False), ("cResNet50", 64, True)])
+def test_bottleneck_resnet_import_maps_every_position(monkeypatch, arch, base_width, cifar):
+    """The bottleneck ResNets at reduced depth and width (the same mapping code as full size),
+    ImageNet's (downsample, 7x7 stem; base width 128 here, ResNet-50's is 64) and CIFAR's
+    (shortcut, 3x3 stem): every conv, BN statistic and mask lands where the reference has it;
+    same logits."""
+    depths, width = (1, 2, 1, 1), 0.125
+    name, fixed = hn.ARCHS[arch]
+    monkeypatch.setitem(hn.ARCHS, arch, (name, {**fixed, "stage_sizes": depths, "width": width}))
+    torch.manual_seed(4)
+    ref = RefBottleneckResNet(depths, width, base_width, cifar).eval()
+    _init_weights(ref, signed_constant=False)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        want = ref(x).numpy()
+    name, options, variables = hn.convert_state_dict(_checkpoint(ref)["state_dict"], arch, keep_fraction=K)
+    assert options.get("cifar_stem", False) == cifar
+    ours_of = {n: _our_resnet_path(n) for n, m in ref.named_modules() if isinstance(m, RefSubnetConv)}
+    assert len(ours_of) == 3 * sum(depths) + 4 + 2  # 3 per block, 4 projections, stem and fc
+    folded = _assert_same_layers(ref, variables, ours_of)
+    bns = [n for n, m in ref.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    assert len(bns) == len(ours_of) - 1  # one after every conv but fc
+    for n in bns:
+        stats = variables["batch_stats"]
+        for p in _our_resnet_path(n):
+            stats = stats[p]
+        bn = ref.get_submodule(n)
+        np.testing.assert_array_equal(stats["mean"], bn.running_mean.numpy(), err_msg=n)
+        np.testing.assert_array_equal(stats["var"], bn.running_var.numpy(), err_msg=n)
+    got = jax.jit(get_model(name, **options).apply)({**variables, selection.MASKS: folded},
+                                                     jnp.asarray(x.numpy().transpose(0, 2, 3, 1)))
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-5)
