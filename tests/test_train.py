@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 
+import flax
 import jax
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ sys.path.insert(0, str(ROOT))
 
 from edgepopup_jax.configs import default  # noqa: E402
 from edgepopup_jax import checkpoint as ckpt_lib  # noqa: E402
-from edgepopup_jax import train  # noqa: E402
+from edgepopup_jax import input_pipeline, train  # noqa: E402
 
 
 def small_config(**overrides):
@@ -347,3 +348,132 @@ def test_checksum_mismatch_is_refused(tmp_path):
     with pytest.raises(ckpt_lib.CheckpointError, match="checkpoint 4 .* is corrupted") as e:
         train.train_and_evaluate(c, str(workdir), devices=one_device())
     assert "checksum" in str(e.value)
+
+
+def _resnet_eval_reference(variables, x, keep_fraction, running_stats=True):
+    """float64 numpy logits of cifar_resnet18 with stage_sizes (1, 1): in eval mode every BN
+    normalises with its running statistics, (x - mean) / sqrt(var + 1e-5); running_stats=False
+    uses the batch's statistics instead (train mode)."""
+    def layer(path):
+        scores, kernel = variables["params"], variables["frozen"]
+        for p in path:
+            scores, kernel = scores[p], kernel[p]
+        s = np.abs(np.asarray(scores["scores"])).reshape(-1)
+        keep = np.zeros(s.size)
+        keep[np.argsort(-s, kind="stable")[:s.size - int((1 - keep_fraction) * s.size)]] = 1
+        return np.asarray(kernel["kernel"], np.float64) * keep.reshape(kernel["kernel"].shape)
+
+    def conv(x, path, stride=1):  # NHWC, HWIO, padding k // 2
+        w = layer(path)
+        k = w.shape[0]
+        x = np.pad(x, ((0, 0), (k // 2, k // 2), (k // 2, k // 2), (0, 0)))
+        h = (x.shape[1] - k) // stride + 1
+        return sum(x[:, i:i + stride * h:stride, j:j + stride * h:stride] @ w[i, j]
+                   for i in range(k) for j in range(k))
+
+    def bn(x, path):
+        stats = variables["batch_stats"]
+        for p in path:
+            stats = stats[p]
+        mean, var = (stats["mean"], stats["var"]) if running_stats else (x.mean((0, 1, 2)), x.var((0, 1, 2)))
+        return (x - mean) / np.sqrt(np.asarray(var, np.float64) + 1e-5)
+
+    relu = lambda v: np.maximum(v, 0)  # noqa: E731
+    x = relu(bn(conv(np.asarray(x, np.float64), ("stem_conv",)), ("stem_bn",)))
+    b = "stage0_block0"  # stride 1, identity shortcut
+    y = relu(bn(conv(x, (b, "conv0")), (b, "bn0")))
+    x = relu(bn(conv(y, (b, "conv1")), (b, "bn1")) + x)
+    b = "stage1_block0"  # stride 2, projection shortcut
+    y = relu(bn(conv(x, (b, "conv0"), 2), (b, "bn0")))
+    short = bn(conv(x, (b, "shortcut_conv"), 2), (b, "shortcut_bn"))
+    x = relu(bn(conv(y, (b, "conv1")), (b, "bn1")) + short)
+    return x.mean((1, 2)) @ layer(("head",))
+
+
+def test_resnet_evaluation_uses_the_running_batchnorm_statistics():
+    """The trainer's eval path (masks folded by make_masks_fn, then make_eval_fn) on a ResNet
+    whose running statistics are far from any batch's: its loss and hits are those of a float64
+    eval-mode reference, example by example, whatever the rest of the batch holds."""
+    import ml_collections
+
+    from edgepopup_jax import sharding
+    from edgepopup_jax.models import get_model
+
+    k, n = 0.5, 6
+    model = get_model("cifar_resnet18", stage_sizes=(1, 1), width=0.125, keep_fraction=k)
+    r = np.random.default_rng(0)
+    shapes = flax.traverse_util.flatten_dict(
+        jax.eval_shape(model.init, jax.random.key(0), np.zeros((1, 8, 8, 3), np.float32)))
+    draw = {"kernel": lambda shape: r.normal(size=shape) * np.sqrt(2 / np.prod(shape[:-1])),
+            "scores": lambda shape: r.uniform(-1, 1, shape),
+            "mean": lambda shape: r.uniform(-1, 1, shape),
+            "var": lambda shape: r.uniform(0.2, 3, shape)}  # running statistics far from a batch's
+    variables = flax.traverse_util.unflatten_dict(
+        {path: draw[path[-1]](a.shape).astype(np.float32) for path, a in shapes.items()})
+    data = ml_collections.ConfigDict({"mean": (0.5, 0.4, 0.3), "std": (0.25, 0.2, 0.3)})
+    images = r.integers(0, 256, (n, 8, 8, 3), dtype=np.uint8)
+    labels = r.integers(0, 10, n).astype(np.int32)
+    x = input_pipeline.normalize(images, data.mean, data.std)
+    logits = _resnet_eval_reference(variables, x, k)
+    ref_loss = -(logits - np.log(np.exp(logits).sum(1, keepdims=True)))[np.arange(n), labels]
+    # batch statistics would give other logits: the test tells the two apart
+    assert np.abs(_resnet_eval_reference(variables, x, k, running_stats=False) - logits).max() > 0.1
+
+    mesh = sharding.make_mesh(jax.devices()[:1])
+    folded = train.make_masks_fn(model, mesh)(variables)
+    eval_fn = train.make_eval_fn(model, 10, mesh, data)
+
+    def sums(imgs, mask):
+        batch = {"image": imgs, "label": labels, "mask": np.asarray(mask, np.float32)}
+        return jax.device_get(eval_fn(folded, sharding.to_global(batch, mesh)))
+
+    full = sums(images, np.ones(n))
+    np.testing.assert_allclose(full["loss"], ref_loss.sum(), rtol=1e-4)
+    assert full["top1"] == np.sum(logits.argmax(1) == labels) and full["count"] == n
+    # example 0's loss alone (the rest masked out), among the same, other or blank examples
+    for other in (images, r.integers(0, 256, images.shape, dtype=np.uint8), np.zeros_like(images)):
+        one = sums(np.concatenate([images[:1], other[1:]]), np.eye(n)[0])
+        np.testing.assert_allclose(one["loss"], ref_loss[0], rtol=1e-4)
+
+
+def test_resume_from_a_periodic_asynchronous_checkpoint_is_bit_identical(tmp_path, monkeypatch):
+    """A run with BatchNorm, augmentation and supermask sampling dies at step 6, after its
+    periodic step-4 checkpoint was saved asynchronously while step 5 trained (on the state that
+    step donated). Resumed from that checkpoint, it ends bit-identical to an uninterrupted run."""
+    c = small_config(**{"num_train_steps": 6, "checkpoint_every_steps": 2, "eval_every_steps": 1000,
+                        "batch_size": 16, "data.augment": "cifar", "model.name": "cifar_resnet18",
+                        "model.width": 0.0625, "model.stage_sizes": [1], "model.mask": "supermask",
+                        "optim.learning_rate": 10.0})
+    straight = train.train_and_evaluate(c, str(tmp_path / "straight"), devices=one_device())
+    real_iterator = train.input_pipeline.train_iterator
+
+    def dies_at_step_6(*args, **kwargs):
+        for step, batch in enumerate(real_iterator(*args, **kwargs), start=1):
+            if step == 6:
+                raise RuntimeError("simulated crash")
+            yield batch
+
+    saves, real_save = [], ckpt_lib.Checkpointer.save
+
+    def recorded_save(self, step, *args, force=False, **kwargs):
+        saves.append((step, force))
+        return real_save(self, step, *args, force=force, **kwargs)
+
+    monkeypatch.setattr(train.input_pipeline, "train_iterator", dies_at_step_6)
+    monkeypatch.setattr(ckpt_lib.Checkpointer, "save", recorded_save)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train.train_and_evaluate(c, str(tmp_path / "resumed"), devices=one_device())
+    assert saves == [(2, False), (4, False)]  # periodic saves only, no forced one at the stop
+    assert ckpt_lib.Checkpointer(str(tmp_path / "resumed" / "checkpoints")).latest_step() == 4
+    monkeypatch.undo()
+    rest = train.train_and_evaluate(c, str(tmp_path / "resumed"), devices=one_device())
+    assert rest["step"] == 6 and [h["step"] for h in rest["train_history"]] == list(range(1, 7))
+    assert rest["state_sha256"] == straight["state_sha256"]
+    np.testing.assert_array_equal(losses(rest), losses(straight))
+    assert len(set(losses(straight))) == 6  # it trained: every step's loss differs
+    saved = {name: json.loads((tmp_path / name / "results.json").read_text())
+             for name in ("straight", "resumed")}
+    for r in saved.values():
+        for key in WALL_CLOCK:
+            r.pop(key)
+    assert saved["resumed"] == saved["straight"]  # eval and history included
