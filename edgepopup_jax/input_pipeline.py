@@ -56,7 +56,9 @@ class _Source:
     """A split as a slice-able dataset of {"image": raw, "label"}; `decode` turns raw into uint8 HWC."""
 
     num_examples: int
-    read: Callable[[int, int], tf.data.Dataset]  # (start, end) -> examples [start, end) in fixed order
+    # (start, end, file_seed) -> examples [start, end): in a fixed order, or with file_seed, their
+    # files (tfds shards, folder images) in that seed's order
+    read: Callable[..., tf.data.Dataset]
     decode: Callable[[tf.Tensor], tf.Tensor]
     channels: int | None = None  # set for encoded images (bytes): JPEGs can decode only the crop
 
@@ -94,7 +96,7 @@ def _mnist5k_source(split: str) -> _Source:
     images, labels = arrays[split]
     return _Source(
         num_examples=len(labels),
-        read=lambda start, end: tf.data.Dataset.from_tensor_slices(
+        read=lambda start, end, file_seed=None: tf.data.Dataset.from_tensor_slices(  # in memory: no files
             {"image": images[start:end], "label": labels[start:end]}
         ),
         decode=lambda image: image,
@@ -121,11 +123,17 @@ def _folder_source(data_dir: str, split: str) -> _Source:
     paths = np.array([e.image_path for e in examples])
     labels = np.array([builder.info.features["label"].str2int(e.label) for e in examples], np.int32)
     channels = _folder_channels(data_dir)
+
+    def read(start: int, end: int, file_seed: int | None = None) -> tf.data.Dataset:
+        order = np.arange(start, end)
+        if file_seed is not None:
+            order = np.random.default_rng(file_seed).permutation(order)
+        return tf.data.Dataset.from_tensor_slices({"image": paths[order], "label": labels[order]}).map(
+            lambda ex: {"image": tf.io.read_file(ex["image"]), "label": ex["label"]}, num_parallel_calls=_AUTOTUNE)
+
     return _Source(
         num_examples=len(examples),
-        read=lambda start, end: tf.data.Dataset.from_tensor_slices(
-            {"image": paths[start:end], "label": labels[start:end]}
-        ).map(lambda ex: {"image": tf.io.read_file(ex["image"]), "label": ex["label"]}, num_parallel_calls=_AUTOTUNE),
+        read=read,
         decode=functools.partial(_decode_image, channels=channels),
         channels=channels,
     )
@@ -169,10 +177,12 @@ def _tfds_source(name: str, data_dir: str | None, split: str) -> _Source:
     image_key, label_key = builder.info.supervised_keys or ("image", "label")
     channels = builder.info.features[image_key].shape[-1] or 3
 
-    def read(start: int, end: int) -> tf.data.Dataset:
+    def read(start: int, end: int, file_seed: int | None = None) -> tf.data.Dataset:
         ds = builder.as_dataset(
             split=f"{split}[{start}:{end}]",
-            shuffle_files=False,
+            shuffle_files=file_seed is not None,
+            read_config=tfds.ReadConfig(shuffle_seed=file_seed, shuffle_reshuffle_each_iteration=False,
+                                        options=_options()),
             decoders={image_key: tfds.decode.SkipDecoding()},  # decode after shuffle/skip
         )
         return ds.map(lambda ex: {"image": ex[image_key], "label": tf.cast(ex[label_key], tf.int32)})
@@ -386,17 +396,27 @@ def train_iterator(
     if steps == 0:
         raise ValueError(f"batch_size={batch_size} exceeds the {shard_size} train examples of this process's shard")
     start = index * shard_size
-    # Attach each example's index in the split: it seeds the example's augmentation.
-    base = tf.data.Dataset.zip(tf.data.Dataset.range(start, start + shard_size), source.read(start, start + shard_size))
+
+    def indexed(file_seed=None):
+        # Attach each example's position (in the split, or in this epoch's file order): it seeds
+        # the example's augmentation.
+        return tf.data.Dataset.zip(tf.data.Dataset.range(start, start + shard_size),
+                                   source.read(start, start + shard_size, file_seed=file_seed))
+
     decode = source.decode
     # ImageNet-style training from encoded images: decode only the random crop of each JPEG.
     fused_crop = config.augment == "imagenet" and source.channels is not None and not config.cache
+    cached = None
     if config.cache:
-        base = base.map(lambda i, ex: (i, {**ex, "image": decode(ex["image"])}), num_parallel_calls=_AUTOTUNE).cache()
+        cached = indexed().map(lambda i, ex: (i, {**ex, "image": decode(ex["image"])}),
+                               num_parallel_calls=_AUTOTUNE).cache()
         decode = lambda image: image  # noqa: E731
 
     def epoch_batches(epoch: int, skip_steps: int) -> tf.data.Dataset:
         epoch_seed = _epoch_seed(seed, epoch)
+        # Not cached: read the files in a new order every epoch (a function of seed and epoch, so
+        # a resumed run reads them in the same order), before the example-level shuffle buffer.
+        base = cached if cached is not None else indexed(file_seed=epoch_seed)
 
         def transform(i, ex):
             aug_seed = tf.stack([tf.constant(epoch_seed, tf.int64), i])

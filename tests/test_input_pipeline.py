@@ -412,3 +412,45 @@ def test_jpeg_training_crop_decodes_only_the_window():
     png = tf.io.encode_png(pixels)  # other formats: decoded whole, identical
     np.testing.assert_array_equal(ip._decode_random_resized_crop(png, seed, 32, 3).numpy(),
                                   ip._random_resized_crop(ip._decode_image(png, 3), seed, 32).numpy())
+
+
+# ----------------------------------------------------------------------------- tfds files, reshuffled per epoch
+
+
+class ShardedIds(tfds.core.GeneratorBasedBuilder):
+    """A prepared tfds data set in 4 files: example i is a 2x2 image of value i + 1."""
+
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+        return tfds.core.DatasetInfo(
+            builder=self, supervised_keys=("image", "label"),
+            features=tfds.features.FeaturesDict({"image": tfds.features.Image(shape=(2, 2, 1)),
+                                                 "label": tfds.features.ClassLabel(num_classes=3)}))
+
+    def _split_generators(self, dl_manager):
+        return {"train": self._generate_examples(range(64)), "test": self._generate_examples(range(64, 72))}
+
+    def _generate_examples(self, ids):
+        for i in ids:
+            yield i, {"image": np.full((2, 2, 1), i + 1, np.uint8), "label": i % 3}
+
+
+def test_tfds_files_are_reshuffled_every_epoch_deterministically_and_resumably(tmp_path):
+    ShardedIds(data_dir=str(tmp_path)).download_and_prepare(
+        download_config=tfds.download.DownloadConfig(num_shards=4))
+    # shuffle_buffer=1: no example-level shuffle, so the order seen is the order the files are read
+    cfg = make_config(name="sharded_ids", data_dir=str(tmp_path), image_size=2, mean=(0.0,), std=(1 / 255,),
+                      shuffle_buffer=1, cache=False)
+    run = take(ip.train_iterator(cfg, batch_size=8, seed=0), 24)  # 3 epochs of 8 steps
+    epochs = [np.concatenate([pixel_ids(b) for b in run[e * 8:(e + 1) * 8]]) for e in range(3)]
+    for ids in epochs:
+        assert sorted(ids.tolist()) == list(range(1, 65))  # every example once per epoch
+    assert len({tuple(ids) for ids in epochs}) == 3  # a new file order every epoch
+    assert_same_batches(take(ip.train_iterator(cfg, batch_size=8, seed=0), 24), run)  # deterministic
+    for start in (5, 11):  # resumed mid-epoch, in the first and in a later epoch
+        assert_same_batches(take(ip.train_iterator(cfg, batch_size=8, seed=0, start_step=start), 24 - start),
+                            run[start:])
+    # Cached, the files are read once: with the same buffer-1 shuffle every epoch has one order.
+    cached = take(ip.train_iterator(make_config(**{**cfg.to_dict(), "cache": True}), batch_size=8, seed=0), 16)
+    assert_same_batches(cached[:8], cached[8:])
