@@ -20,7 +20,7 @@ gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone "$ZONE" --worker=all --command
   set -e
   if [ ! -d edgepopup_jax ]; then git clone --branch $BRANCH $REPO_URL edgepopup_jax; fi
   cd edgepopup_jax && git fetch -q && git checkout -q $BRANCH && git pull -q
-  python3 -m venv .venv && .venv/bin/pip install -q -e '.[tpu]'
+  python3 -m venv .venv && .venv/bin/pip install -q -e '.[train,tpu]'
   nohup .venv/bin/python main.py --multihost --config=$CONFIG --workdir=$WORKDIR $* > train.log 2>&1 &
   echo started on \$(hostname)"
 echo "Follow with: gcloud compute tpus tpu-vm ssh $TPU_NAME --zone $ZONE --worker=0 --command 'tail -f edgepopup_jax/train.log'"
