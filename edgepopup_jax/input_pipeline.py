@@ -385,8 +385,24 @@ def _options() -> tf.data.Options:
 def train_iterator(
     config, batch_size: int, seed: int = 0, start_step: int = 0, process_index=None, process_count=None
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Infinite stream of {"image": uint8 [B,H,W,C], "label": i32 [B]}; B is the per-process batch
-    size. Images are pixels: the step normalises them on the device (`normalize`)."""
+    """This process's endless, deterministic stream of training batches.
+
+    Args:
+      config: the config's `data` section (name, data_dir, train_split, augment, image_size,
+        shuffle_buffer, cache).
+      batch_size: examples per batch on this process (the global batch / process count).
+      seed: fixes the shuffle order and augmentation of every epoch.
+      start_step: the first batch to yield, as if that many had been taken (for resuming).
+      process_index, process_count: this process's shard (default: jax's).
+
+    Returns:
+      An iterator of {"image": uint8 [B, H, W, C], "label": int32 [B]}. Images are pixels: the
+      step normalises them on the device (`normalize`).
+
+    Raises:
+      ValueError: an unknown dataset, split or augment, a data set that is not prepared, or a
+        batch size that is not positive or exceeds this process's shard.
+    """
     _check_augment(config)
     _check_batch_size(batch_size)
     index, count = _process(process_index, process_count)
@@ -442,10 +458,22 @@ def train_iterator(
 
 
 def eval_iterator(config, batch_size: int, process_index=None, process_count=None) -> Iterator[dict[str, np.ndarray]]:
-    """The whole eval split once: {"image", "label", "mask"}; padding examples have mask 0.
+    """The whole eval split once, every example exactly once over all processes.
 
     Process p reads the p-th of process_count contiguous chunks of ceil(num_eval / process_count)
     examples; every process yields exactly ceil(num_eval / (batch_size * process_count)) batches.
+
+    Args:
+      config: the config's `data` section.
+      batch_size: examples per batch on this process.
+      process_index, process_count: this process's shard (default: jax's).
+
+    Returns:
+      An iterator of {"image": uint8 [B, H, W, C], "label": int32 [B], "mask": [B]}; padding
+      examples (to fill the last batch) have mask 0.
+
+    Raises:
+      ValueError: an unknown dataset, split or augment, or a non-positive batch size.
     """
     _check_augment(config)
     _check_batch_size(batch_size)

@@ -328,11 +328,21 @@ def _encode(*, model_name: str, model_options: dict, variables, keep_fraction=No
 
 
 def save_subnet(path, *, model_name: str, model_options: dict, variables, keep_fraction=None) -> dict:
-    """Writes the subnetwork of a trained model to `path`; returns sizes and per-layer kept counts.
+    """Writes the subnetwork of a trained model to `path` (atomically: a temporary file, renamed).
 
-    variables: the model's full variables ({'params': scores (and learned kernels), 'frozen':
-    random kernels, 'batch_stats': ...}). keep_fraction: the k of the mask (default: the one in
-    model_options, else the models' default 0.5).
+    Args:
+      path: the .subnet file to write.
+      model_name, model_options: the model, as for get_model.
+      variables: the model's full variables ({'params': scores (and learned kernels), 'frozen':
+        random kernels, 'batch_stats': ...}).
+      keep_fraction: the k of the mask (default: the one in model_options, else 0.5).
+
+    Returns:
+      Sizes (subnet_bytes, ratios against float32 state), kept weights in all and per layer.
+
+    Raises:
+      ValueError: an unknown model or bad option, variables that do not fit the options (scores
+        with mask="dense"; no layers), a supermask whose eval is not a fixed threshold.
     """
     blob, stats = _encode(model_name=model_name, model_options=model_options, variables=variables,
                           keep_fraction=keep_fraction)
@@ -445,13 +455,20 @@ def subnet_masks(path) -> dict[str, np.ndarray]:
 
 
 def load_subnet(path, *, expect_model: str | None = None, expect_options: dict | None = None):
-    """Reads a subnet file; returns (model, variables) ready for model.apply(variables, x).
+    """Reads a subnet file for inference.
 
-    model = get_model(name, **options, mask="dense"): every layer a plain kernel layer holding
-    W * mask (ResNets keep the trained model's non-affine BN), so the loaded model runs the
-    trained model's eval program with the masked kernels precomputed: same logits, bit for bit.
-    expect_model / expect_options: raise ValueError unless the file holds that architecture.
-    Raises ValueError for a truncated, corrupt or foreign file or another format version.
+    Args:
+      path: a .subnet file (from save_subnet, export or interop).
+      expect_model, expect_options: refuse the file unless it holds this architecture.
+
+    Returns:
+      (model, variables) for model.apply(variables, x): get_model(name, **options,
+      mask="dense"), every layer a plain kernel holding W * mask (ResNets keep the trained
+      model's non-affine BN), so it runs the trained model's eval program: the same logits.
+
+    Raises:
+      ValueError: a truncated, corrupt or foreign file, another format version, or another
+        architecture than expected.
     """
     from edgepopup_jax.models import get_model
 

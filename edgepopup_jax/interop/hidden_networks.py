@@ -110,10 +110,22 @@ def _guess_weight_init(kernels: list[np.ndarray]) -> str:
 
 
 def convert_state_dict(state_dict: dict, arch: str, *, keep_fraction: float, width: float = 1.0):
-    """A reference state dict -> (model_name, model_options, variables) of our model.
+    """Converts a checkpoint of the PyTorch reference (allenai/hidden-networks) to our model.
 
-    variables: {'params': {... 'scores'}, 'frozen': {... 'kernel'}, 'batch_stats': {... mean/var}}
-    (learned layers: 'params' 'kernel'; affine BN of the dense baseline: 'params' scale/bias).
+    Args:
+      state_dict: the reference's state dict (tensors or arrays; a "module." prefix is fine).
+      arch: the reference's architecture name, one of ARCHS (FC, Conv2, ..., WideResNet50_2).
+      keep_fraction: the k it was trained with (the reference's prune_rate as "kept").
+      width: the conv nets' width multiplier.
+
+    Returns:
+      (model_name, model_options, variables) with variables {'params': {... 'scores'},
+      'frozen': {... 'kernel'}, 'batch_stats': {... mean/var}} (learned layers: 'params'
+      'kernel'; affine BN of the dense baseline: 'params' scale/bias).
+
+    Raises:
+      ValueError: an unknown arch, a bad keep_fraction, or a state dict that does not match the
+        arch's layers.
     """
     import flax
     import jax

@@ -28,9 +28,22 @@ MODEL_NAMES = tuple(MODELS)
 
 
 def get_model(name: str, **options) -> MaskedModel:
-    """Builds model `name` (one of MODEL_NAMES) with options such as num_classes, keep_fraction,
-    weight_init, weight_init_mode, scale_by_keep_fraction, mask, dense_first, dense_last,
-    compute_dtype and, for the conv nets, width."""
+    """Builds one of the paper's models.
+
+    Args:
+      name: one of MODEL_NAMES ("fc", "conv2", ..., "cifar_resnet18", "resnet50", ...).
+      **options: MaskedModel fields: num_classes, keep_fraction, weight_init, weight_init_mode,
+        scale_by_keep_fraction, mask, mask_scope, supermask_eval, dense_first, dense_last,
+        compute_dtype; width for the conv nets; bn_running_var for the ResNets.
+
+    Returns:
+      The Flax module; `init` gives {'params': scores, 'frozen': random weights} (and
+      'batch_stats' for the ResNets).
+
+    Raises:
+      ValueError: an unknown name, an option the model does not have, or a bad option value
+        (the message names the allowed values).
+    """
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; allowed: {', '.join(MODEL_NAMES)}")
     try:
