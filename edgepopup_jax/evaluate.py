@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import sys
 
-import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -33,12 +32,9 @@ def load(subnet_path: str | None = None, workdir: str | None = None):
     if subnet_path is not None:
         model, variables = subnet.load_subnet(subnet_path)
         sf = subnet.read_subnet(subnet_path)
-        rows = []
-        for e in sf.layers:
-            total = int(np.prod(e["shape"]))
-            masked = e["kind"] == "masked"
-            rows.append(summary.LayerStats("/".join(e["path"]), tuple(e["shape"]), total,
-                                           e["kept"] if masked else total, sf.mask if masked else "dense"))
+        rows = [summary.LayerStats("/".join(e.path), e.shape, e.total,
+                                   e.kept if e.kind == "masked" else e.total,
+                                   sf.mask if e.kind == "masked" else "dense") for e in sf.layers]
         return model, variables, rows
     name, options, variables, _ = export.training_variables(workdir)
     model = get_model(name, **options)

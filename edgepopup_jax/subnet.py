@@ -10,28 +10,15 @@ dense_first / dense_last) and BN state are stored whole.
 the default): the architecture with mask="dense" (plain kernels W * mask) and the trained
 model's BN kind, reproducing the trained model's eval logits bit for bit.
 
-File layout (all integers little-endian):
-
-    offset  size  content
-    0       8     magic b"\\x89EPSUBN\\n"
-    8       4     uint32 format version (FORMAT_VERSION)
-    12      8     uint64 H, the header length
-    20      32    sha256 of the header bytes
-    52      H     header: UTF-8 JSON (model_name, model_options, keep_fraction, layers, arrays,
-                  payload_bytes, payload_sha256)
-    52+H    P     payload: the arrays' raw bytes back to back (each: dtype, shape, offset in
-                  the header's "arrays" table)
-
-Files are written to a temporary file in the same directory and renamed into place.
+This module converts between variables/models and files; the bytes (layout, checksums,
+encodings, typed header entries) are `subnet_format.py`. Files are written to a temporary file
+in the same directory and renamed into place.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
-import hashlib
 import json
 import os
-import struct
 import tempfile
 from typing import Any
 
@@ -41,20 +28,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from edgepopup_jax import masking, selection
+from edgepopup_jax import subnet_format as fmt
+from edgepopup_jax.subnet_format import (FORMAT_VERSION, MAGIC, SubnetFile, pack_layer,  # noqa: F401
+                                         unpack_layer)
 
-MAGIC = b"\x89EPSUBN\n"
-FORMAT_VERSION = 1
-_PREFIX = struct.Struct("<8sIQ32s")  # magic, version, header length, header sha256
 SUFFIX = ".subnet"
-
-# Encodings of a masked layer's kept weights.
-ENC_SIGN_SCALE = "sign_scale"  # every kept |w| is one value: sign bits + one float32 magnitude
-ENC_CONSTANT = "constant"  # every kept w is one value (e.g. unsigned_constant): just that value
-ENC_VALUES = "values"  # kept values as float32, in mask (row-major) order
 
 
 # --------------------------------------------------------------------------------------------
-# pure pack / unpack of one masked layer
+# the masks
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3))
@@ -79,57 +61,6 @@ def layer_masks(scores: dict, *, mask_mode: str, keep_fraction: float,
     out = _eval_masks({k: jnp.asarray(v) for k, v in scores.items()}, mask_mode,
                       masking.check_keep_fraction(keep_fraction), mask_scope)
     return {k: np.asarray(jax.device_get(out[k])) for k in scores}
-
-
-def pack_layer(weights, mask) -> dict[str, Any]:
-    """Packs W restricted to a 0/1 mask: {'shape', 'kept', 'mask_bits', 'encoding', ...}.
-
-    Exact: unpack_layer(pack_layer(W, m)) == W * m (up to the sign of the zeros).
-    """
-    w = np.asarray(weights)
-    if w.dtype != np.float32:
-        raise ValueError(f"weights must be float32, got {w.dtype}")
-    m = np.asarray(mask).astype(bool)
-    if m.shape != w.shape:
-        raise ValueError(f"mask shape {m.shape} != weight shape {w.shape}")
-    flat_m = m.reshape(-1)
-    kept = w.reshape(-1)[flat_m]
-    out = {"shape": tuple(w.shape), "kept": int(kept.size), "mask_bits": np.packbits(flat_m)}
-    bits = kept.view(np.uint32)
-    if kept.size and np.all(bits == bits[0]):
-        out.update(encoding=ENC_CONSTANT, value=np.float32(kept[0]))
-    elif kept.size and np.all((bits & 0x7FFFFFFF) == (bits[0] & 0x7FFFFFFF)) and np.isfinite(kept[0]):
-        out.update(encoding=ENC_SIGN_SCALE, value=np.abs(kept[0]).astype(np.float32),
-                   sign_bits=np.packbits(np.signbit(kept)))
-    else:
-        out.update(encoding=ENC_VALUES, values=kept.astype(np.float32))
-    return out
-
-
-def unpack_layer(packed: dict[str, Any]) -> np.ndarray:
-    """The float32 kernel W * mask from pack_layer's output."""
-    shape = tuple(packed["shape"])
-    n = int(np.prod(shape, dtype=np.int64))
-    flat_m = np.unpackbits(np.asarray(packed["mask_bits"], np.uint8), count=n).astype(bool)
-    k = int(flat_m.sum())
-    if k != packed["kept"]:
-        raise ValueError(f"corrupt subnet: the mask keeps {k} weights, the header says {packed['kept']}")
-    enc = packed["encoding"]
-    if enc == ENC_CONSTANT:
-        kept = np.full((k,), packed["value"], np.float32)
-    elif enc == ENC_SIGN_SCALE:
-        neg = np.unpackbits(np.asarray(packed["sign_bits"], np.uint8), count=k).astype(bool)
-        v = np.float32(packed["value"])
-        kept = np.where(neg, -v, v).astype(np.float32)
-    elif enc == ENC_VALUES:
-        kept = np.asarray(packed["values"], np.float32)
-        if kept.size != k:
-            raise ValueError(f"corrupt subnet: {kept.size} kept values for a mask keeping {k}")
-    else:
-        raise ValueError(f"corrupt subnet: unknown encoding {enc!r}")
-    out = np.zeros((n,), np.float32)
-    out[flat_m] = kept
-    return out.reshape(shape)
 
 
 # --------------------------------------------------------------------------------------------
@@ -258,18 +189,10 @@ def _encode(*, model_name: str, model_options: dict, variables, keep_fraction=No
     if not masked and not dense:
         raise ValueError("variables hold no layers (expected params with 'scores' or 'kernel')")
 
-    arrays: list[dict] = []
-    chunks: list[bytes] = []
-    offset = 0
+    table = fmt.ArrayTable()
 
     def add(a) -> int:
-        nonlocal offset
-        a = np.ascontiguousarray(np.asarray(jax.device_get(a)))
-        b = a.tobytes()
-        arrays.append({"dtype": a.dtype.str, "shape": list(a.shape), "offset": offset, "nbytes": len(b)})
-        chunks.append(b)
-        offset += len(b)
-        return len(arrays) - 1
+        return table.add(np.asarray(jax.device_get(a)))
 
     layers = []
     n_masked = n_kept = 0
@@ -279,41 +202,24 @@ def _encode(*, model_name: str, model_options: dict, variables, keep_fraction=No
                             mask_scope=full["mask_scope"])
     for path, (scores, w) in masked.items():
         packed = pack_layer(np.asarray(jax.device_get(w)), masks[path])
-        entry = {"path": list(path), "kind": "masked", "shape": list(packed["shape"]),
-                 "kept": packed["kept"], "encoding": packed["encoding"],
-                 "mask_bits": add(packed["mask_bits"])}
-        if packed["encoding"] == ENC_VALUES:
-            entry["values"] = add(packed["values"])
-        else:
-            entry["value"] = float(packed["value"]).hex()
-            if packed["encoding"] == ENC_SIGN_SCALE:
-                entry["sign_bits"] = add(packed["sign_bits"])
-        layers.append(entry)
-        n_masked += int(np.prod(packed["shape"]))
+        encoding = packed["encoding"]
+        layers.append(fmt.MaskedLayer(
+            tuple(path), tuple(packed["shape"]), packed["kept"], encoding, add(packed["mask_bits"]),
+            values=add(packed["values"]) if encoding == fmt.ENC_VALUES else None,
+            value=None if encoding == fmt.ENC_VALUES else float(packed["value"]).hex(),
+            sign_bits=add(packed["sign_bits"]) if encoding == fmt.ENC_SIGN_SCALE else None))
+        n_masked += layers[-1].total
         n_kept += packed["kept"]
     for path, kernel in dense.items():
-        layers.append({"path": list(path), "kind": "dense", "shape": list(np.shape(kernel)),
-                       "kernel": add(kernel)})
-    extra = [{"path": list(path), "array": add(v)} for path, v in other.items()]
+        layers.append(fmt.DenseLayer(tuple(path), tuple(np.shape(kernel)), add(kernel)))
+    extra = [fmt.ExtraArray(tuple(path), add(v)) for path, v in other.items()]
 
-    payload = b"".join(chunks)
-    header = {
-        "model_name": model_name,
-        "model_options": options,
-        "keep_fraction": k,
-        "mask": mask_mode,
-        "layers": layers,
-        "extra": extra,
-        "arrays": arrays,
-        "payload_bytes": len(payload),
-        "payload_sha256": hashlib.sha256(payload).hexdigest(),
-    }
-    hbytes = json.dumps(header, sort_keys=True, separators=(",", ":")).encode("utf-8")
-    blob = _PREFIX.pack(MAGIC, FORMAT_VERSION, len(hbytes), hashlib.sha256(hbytes).digest()) + hbytes + payload
+    blob, header_bytes = fmt.encode(model_name=model_name, model_options=options, keep_fraction=k,
+                                    mask=mask_mode, layers=layers, extra=extra, table=table)
     fs = float_state_bytes(variables)
     stats = {
         "subnet_bytes": len(blob),
-        "header_bytes": len(hbytes),
+        "header_bytes": header_bytes,
         "masked_weights": n_masked,
         "kept_weights": n_kept,
         "dense_weights": sum(int(np.prod(np.shape(v))) for v in dense.values()),
@@ -322,7 +228,7 @@ def _encode(*, model_name: str, model_options: dict, variables, keep_fraction=No
         "ratio_vs_float32_state": fs["float32_state_bytes"] / len(blob),
         "ratio_vs_train_state": fs["train_state_bytes"] / len(blob),
         "bits_per_masked_weight": 8 * len(blob) / max(n_masked, 1),
-        "kept_per_layer": {"/".join(e["path"]): e["kept"] for e in layers if e["kind"] == "masked"},
+        "kept_per_layer": {"/".join(e.path): e.kept for e in layers if isinstance(e, fmt.MaskedLayer)},
     }
     return blob, stats
 
@@ -368,90 +274,18 @@ def save_subnet(path, *, model_name: str, model_options: dict, variables, keep_f
     return stats
 
 
-@dataclasses.dataclass(frozen=True)
-class SubnetFile:
-    """A parsed subnet file: header fields and the decoded arrays."""
-
-    model_name: str
-    model_options: dict
-    keep_fraction: float
-    mask: str
-    layers: list
-    extra: list
-    arrays: list  # numpy arrays, in header order
-
-
 def read_subnet(path) -> SubnetFile:
     """Parses and verifies a subnet file (magic, version, lengths, both checksums)."""
     path = os.fspath(path)
     with open(path, "rb") as f:
         data = f.read()
-    return parse_subnet(data, source=path)
-
-
-def parse_subnet(data: bytes, source: str = "<bytes>") -> SubnetFile:
-    if len(data) < _PREFIX.size:
-        if not MAGIC.startswith(data[: len(MAGIC)]):
-            raise ValueError(f"{source}: not a subnet file (bad magic)")
-        raise ValueError(f"{source}: truncated subnet file ({len(data)} bytes, the fixed prefix alone is "
-                         f"{_PREFIX.size})")
-    magic, version, hlen, hsha = _PREFIX.unpack_from(data)
-    if magic != MAGIC:
-        raise ValueError(f"{source}: not a subnet file (bad magic {magic!r}, expected {MAGIC!r})")
-    if version != FORMAT_VERSION:
-        raise ValueError(f"{source}: subnet file has format version {version}, this reader supports "
-                         f"{FORMAT_VERSION}")
-    start = _PREFIX.size
-    if len(data) < start + hlen:
-        raise ValueError(f"{source}: truncated subnet file (header needs {hlen} bytes, "
-                         f"{len(data) - start} present)")
-    hbytes = data[start:start + hlen]
-    if hashlib.sha256(hbytes).digest() != hsha:
-        raise ValueError(f"{source}: corrupt subnet file (header checksum mismatch)")
-    try:
-        header = json.loads(hbytes.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{source}: corrupt subnet file (header is not JSON: {e})") from None
-    payload = data[start + hlen:]
-    want = int(header["payload_bytes"])
-    if len(payload) < want:
-        raise ValueError(f"{source}: truncated subnet file (payload has {len(payload)} of {want} bytes)")
-    if len(payload) > want:
-        raise ValueError(f"{source}: corrupt subnet file ({len(payload) - want} unexpected trailing bytes)")
-    if hashlib.sha256(payload).hexdigest() != header["payload_sha256"]:
-        raise ValueError(f"{source}: corrupt subnet file (payload checksum mismatch)")
-    arrays = []
-    for a in header["arrays"]:
-        buf = payload[a["offset"]:a["offset"] + a["nbytes"]]
-        arrays.append(np.frombuffer(buf, dtype=np.dtype(a["dtype"])).reshape(a["shape"]).copy())
-    return SubnetFile(header["model_name"], header["model_options"], header["keep_fraction"],
-                      header["mask"], header["layers"], header["extra"], arrays)
-
-
-def _decode_layer(entry, arrays) -> np.ndarray:
-    if entry["kind"] == "dense":
-        return arrays[entry["kernel"]]
-    packed = {"shape": entry["shape"], "kept": entry["kept"], "encoding": entry["encoding"],
-              "mask_bits": arrays[entry["mask_bits"]]}
-    if entry["encoding"] == ENC_VALUES:
-        packed["values"] = arrays[entry["values"]]
-    else:
-        packed["value"] = np.float32(float.fromhex(entry["value"]))
-        if entry["encoding"] == ENC_SIGN_SCALE:
-            packed["sign_bits"] = arrays[entry["sign_bits"]]
-    return unpack_layer(packed)
+    return fmt.parse(data, source=path)
 
 
 def subnet_masks(path) -> dict[str, np.ndarray]:
     """The 0/1 masks stored in a subnet file, by '/'-joined layer path (bool arrays)."""
     sf = read_subnet(path)
-    out = {}
-    for e in sf.layers:
-        if e["kind"] == "masked":
-            n = int(np.prod(e["shape"], dtype=np.int64))
-            out["/".join(e["path"])] = np.unpackbits(sf.arrays[e["mask_bits"]], count=n).astype(bool).reshape(
-                e["shape"])
-    return out
+    return {"/".join(e.path): sf.layer_mask(e) for e in sf.layers if isinstance(e, fmt.MaskedLayer)}
 
 
 def load_subnet(path, *, expect_model: str | None = None, expect_options: dict | None = None):
@@ -483,13 +317,12 @@ def load_subnet(path, *, expect_model: str | None = None, expect_options: dict |
             raise ValueError(f"{os.fspath(path)}: architecture mismatch in options "
                              + ", ".join(f"{k}: file {a!r}, expected {b!r}" for k, (a, b) in diff.items()))
     model = get_model(sf.model_name, **inference_options(sf.model_name, sf.model_options))
-    flat = {("params",) + tuple(e["path"]) + ("kernel",): jnp.asarray(_decode_layer(e, sf.arrays))
-            for e in sf.layers}
+    flat = {("params",) + e.path + ("kernel",): jnp.asarray(sf.kernel(e)) for e in sf.layers}
     for e in sf.extra:
-        flat[tuple(e["path"])] = jnp.asarray(sf.arrays[e["array"]])
+        flat[e.path] = jnp.asarray(sf.arrays[e.array])
     return model, flax.traverse_util.unflatten_dict(flat)
 
 
-__all__ = ["FORMAT_VERSION", "MAGIC", "save_subnet", "load_subnet", "read_subnet", "parse_subnet",
+__all__ = ["FORMAT_VERSION", "MAGIC", "save_subnet", "load_subnet", "read_subnet",
            "subnet_masks", "size_report", "float_state_bytes", "pack_layer", "unpack_layer",
            "layer_masks", "inference_options", "SubnetFile"]
