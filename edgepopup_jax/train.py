@@ -262,7 +262,35 @@ class Plan:
     steps_per_epoch: int
 
 
+def _check_count(name: str, value, minimum: int, note: str = "") -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name} must be a whole number >= {minimum}{note}, got {value!r}")
+
+
+def check_run_options(config: ml_collections.ConfigDict, info: input_pipeline.DatasetInfo) -> None:
+    """Raises ValueError naming the field for counts and normalisation constants that would
+    otherwise fail mid-run (a zero log interval or shuffle buffer), or run wrongly (no checkpoint
+    kept, a zero std, mean/std for another number of channels)."""
+    _check_count("batch_size", config.batch_size, 1)
+    _check_count("log_every_steps", config.get("log_every_steps", 50), 1)
+    _check_count("eval_every_steps", config.get("eval_every_steps", 0), 0, " (0: once per epoch)")
+    _check_count("checkpoint_every_steps", config.get("checkpoint_every_steps", 0), 0,
+                 " (0: once per epoch)")
+    if config.get("keep_checkpoints", 3) is not None:
+        _check_count("keep_checkpoints", config.get("keep_checkpoints", 3), 1, " (None: keep all)")
+    _check_count("data.shuffle_buffer", config.data.get("shuffle_buffer", 1), 1)
+    channels = info.image_shape[-1]
+    for field in ("mean", "std"):
+        values = tuple(config.data[field])
+        if len(values) not in (1, channels):
+            raise ValueError(f"data.{field} has {len(values)} values, but {config.data.name} images "
+                             f"have {channels} channel(s): give 1 value or {channels}")
+    if min(config.data.std) <= 0:
+        raise ValueError(f"data.std must be > 0 for every channel, got {tuple(config.data.std)}")
+
+
 def make_plan(config: ml_collections.ConfigDict, info: input_pipeline.DatasetInfo) -> Plan:
+    check_run_options(config, info)
     model = build_model(config, info.num_classes)
     steps_per_epoch = input_pipeline.steps_per_epoch(info, config.batch_size)
     if steps_per_epoch < 1:
@@ -270,6 +298,10 @@ def make_plan(config: ml_collections.ConfigDict, info: input_pipeline.DatasetInf
                          f"({info.num_train} examples)")
     total_steps = config.num_train_steps if config.get("num_train_steps", 0) > 0 \
         else int(config.num_epochs * steps_per_epoch)
+    if total_steps < 1:
+        raise ValueError(f"the run has no training step: num_epochs {config.num_epochs} x "
+                         f"{steps_per_epoch} steps per epoch gives {total_steps}; set num_epochs "
+                         "or num_train_steps > 0")
     schedule = optim.learning_rate_schedule(config.optim, total_steps, steps_per_epoch)
     return Plan(model, optim.make_optimizer(config.optim, schedule), schedule, total_steps,
                 steps_per_epoch)

@@ -39,10 +39,12 @@ class MaskedModel(nn.Module):
         if self.num_classes <= 0:
             raise ValueError(f"num_classes must be positive, got {self.num_classes}")
         try:
-            jnp.dtype(self.compute_dtype)
+            floating = jnp.issubdtype(jnp.dtype(self.compute_dtype), jnp.floating)
         except TypeError:
-            raise ValueError(f"unknown compute_dtype {self.compute_dtype!r}; "
-                             "use e.g. 'float32' or 'bfloat16'") from None
+            floating = False
+        if not floating:  # an integer dtype would truncate activations and kill the gradients
+            raise ValueError(f"compute_dtype must be a floating dtype, got {self.compute_dtype!r}; "
+                             "use e.g. 'float32' or 'bfloat16'")
         super().__post_init__()
 
     @property
