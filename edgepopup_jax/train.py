@@ -283,8 +283,9 @@ def check_run_options(config: ml_collections.ConfigDict, info: input_pipeline.Da
     for field in ("mean", "std"):
         values = tuple(config.data[field])
         if len(values) not in (1, channels):
+            allowed = "1 value" if channels == 1 else f"1 value or {channels}"
             raise ValueError(f"data.{field} has {len(values)} values, but {config.data.name} images "
-                             f"have {channels} channel(s): give 1 value or {channels}")
+                             f"have {channels} channel(s): give {allowed}")
     if min(config.data.std) <= 0:
         raise ValueError(f"data.std must be > 0 for every channel, got {tuple(config.data.std)}")
 
