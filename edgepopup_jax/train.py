@@ -364,10 +364,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devic
                        stop_after_steps: int | None = None) -> dict:
     """Trains config's model on config's data, evaluating and checkpointing into workdir.
 
-    Resumes from the latest checkpoint in workdir at its exact step. `devices` restricts the mesh
-    (default: all devices of all processes). `stop_after_steps` stops early (after saving a
-    checkpoint) as a preemption would: for tests and time-limited jobs.
-    Returns the results also written to workdir/results.json.
+    Resumes from the latest checkpoint in workdir at its exact step; SIGTERM saves a checkpoint
+    and returns early (results["preempted"]).
+
+    Args:
+      config: a full config (see configs/base.py).
+      workdir: where checkpoints/, TensorBoard events and results.json go (local or gs://).
+      devices: the devices of the mesh (default: all devices of all processes).
+      stop_after_steps: stop after this many steps, saving a checkpoint, as a preemption
+        would (for tests and time-limited jobs).
+
+    Returns:
+      The results also written to workdir/results.json: final eval (top1, top5, loss), step,
+      total_steps, preempted, train/eval history, kept weights per layer, images/s, wall time.
+
+    Raises:
+      ValueError: a bad config or data set (before anything is written), or a checkpoint in
+        workdir that is corrupted or belongs to another run (checkpoint.CheckpointError).
+      TrainingDiverged: the loss or gradients stopped being finite; the last good checkpoint is
+        kept as the latest.
     """
     # Everything that can be wrong with the config fails here, before anything is written.
     info = input_pipeline.get_info(config.data)

@@ -72,7 +72,7 @@ if not SMOKE and jax.default_backend() != "cpu" and online():
     config.num_epochs = 10
 else:  # offline or on a CPU: the embedded MNIST-5k, LeNet-300-100
     config = default.get_config()
-    config.num_epochs = 10
+    config.num_epochs, config.log_every_steps = 10, 20
     if SMOKE:
         config.num_train_steps, config.log_every_steps = 30, 10
 config.model.keep_fraction = 0.5
