@@ -87,17 +87,30 @@ def test_conv4_compiles_for_the_smallest_tpu_topology():
 
 
 @needs_gpu
-def test_conv4_compiles_for_8_h100s_and_the_batch_search_is_exact():
+def test_conv4_compiles_for_8_h100s_and_the_batch_search_is_exact(monkeypatch):
     target = targets.parse_target("gpu:h100:8")
     assert target.num_devices == 8 and "H100" in target.device_kind
     report = preflight.analyse(conv4(), target, log=lambda s: None)
     _check_conv4_report(report, target)
     assert report.eval_batch_size == 504  # 500 split for 8 devices: 63 each
+    # The peak of every step the search compiles, as compile_train_step returned it (not as the
+    # search read it): the bracket is checked on these, without compiling best and best + 1 again.
+    compiled_peaks, compile_train_step = {}, preflight.compile_train_step
+
+    def recorded(config, target_):
+        compiled = compile_train_step(config, target_)
+        compiled_peaks[config.batch_size // target_.num_devices] = preflight.Memory.of(compiled).peak
+        return compiled
+
+    monkeypatch.setattr(preflight, "compile_train_step", recorded)
     best, no_fit = preflight.max_batch_per_device(conv4(), target, (16, report.train),
                                                   log=lambda s: None)
+    monkeypatch.undo()
     assert best > 16 and no_fit == best + 1
 
     def peak(per_device):
+        if per_device in compiled_peaks:
+            return compiled_peaks[per_device]
         c = conv4(batch_size=per_device * 8)
         return preflight.Memory.of(preflight.compile_train_step(c, target)).peak
 
