@@ -96,9 +96,17 @@ def unpack_layer(packed: dict[str, Any]) -> np.ndarray:
 
 
 @dataclasses.dataclass(frozen=True)
-class MaskedLayer:
+class _Layer:
     path: tuple[str, ...]
     shape: tuple[int, ...]
+
+    @property
+    def total(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskedLayer(_Layer):
     kept: int
     encoding: str
     mask_bits: int
@@ -107,21 +115,11 @@ class MaskedLayer:
     sign_bits: int | None = None  # ENC_SIGN_SCALE
     kind = "masked"
 
-    @property
-    def total(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64))
-
 
 @dataclasses.dataclass(frozen=True)
-class DenseLayer:
-    path: tuple[str, ...]
-    shape: tuple[int, ...]
+class DenseLayer(_Layer):
     kernel: int
     kind = "dense"
-
-    @property
-    def total(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -18,7 +18,7 @@ sys.path.insert(0, str(ROOT))
 
 from edgepopup_jax.configs import default  # noqa: E402
 from edgepopup_jax import checkpoint as ckpt_lib  # noqa: E402
-from edgepopup_jax import input_pipeline, train  # noqa: E402
+from edgepopup_jax import grid, input_pipeline, train  # noqa: E402
 
 
 def small_config(**overrides):
@@ -29,13 +29,7 @@ def small_config(**overrides):
     c.checkpoint_every_steps = 1000
     c.batch_size = 32
     c.eval_batch_size = 200
-    for key, value in overrides.items():
-        node = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return c
+    return grid.with_overrides(c, overrides)
 
 
 def one_device():
