@@ -86,11 +86,12 @@ for _spec in CASES:
 GROUPS = [tuple(g) for g in _GROUPS.values()]
 
 # The real one-step run of train_and_evaluate costs one XLA compile of the train step, the eval
-# step, the state init and the mask counts (~5-15 s a small net on an idle 2-core CPU, minutes for
-# an ImageNet ResNet). Fast: one run per code path (mnist5k / tfds cifar10 + cifar augment; FC and
-# conv nets; edge-popup, dense + SGD, dense + Adam, supermask). Slow (@pytest.mark.slow): the
-# bigger nets, ImageNet ResNet-50 (~160 s on a loaded 2-core CPU). ResNet-101 and WRN-50-2 only
-# build (test_config_loads_and_builds): one CPU step of those adds minutes and no new code path.
+# step, the state init and the mask counts (~3-10 s a small net on an idle 2-core CPU with XLA's
+# optimizations off, see fast_compile; about a minute for an ImageNet ResNet). Fast: one run per
+# code path (mnist5k / tfds cifar10 + cifar augment; FC and conv nets; edge-popup, dense + SGD,
+# dense + Adam, supermask). Slow (@pytest.mark.slow): the bigger nets, ImageNet ResNet-50.
+# ResNet-101 and WRN-50-2 only build (test_config_loads_and_builds): one CPU step of those adds
+# minutes and no new code path.
 FAST = {"default.py", "cifar10_fc.py", "cifar10_conv2.py", "cifar10_dense_adam.py:conv2",
         "cifar10_dense_sgd.py:fc", "cifar10_supermask.py:fc"}
 BUILD_ONLY_MODELS = {"resnet101", "wide_resnet50_2"}
@@ -147,8 +148,19 @@ def test_config_loads_and_builds(spec, mock_data_dir):
     assert ((0 <= batch["label"]) & (batch["label"] < info.num_classes)).all()
 
 
+@pytest.fixture
+def fast_compile():
+    """XLA's optimizations off (jax_disable_most_optimizations) for the one-step runs: compiling
+    dominates them, and it roughly halves the compile time. Nothing they check (finite loss,
+    counts, kept weights) depends on how well the step is optimised."""
+    previous = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", previous)
+
+
 @pytest.mark.parametrize("spec", _step_params())
-def test_config_trains_one_step(spec, mock_data_dir, tmp_path):
+def test_config_trains_one_step(spec, mock_data_dir, tmp_path, fast_compile):
     """train_and_evaluate end to end for one step: finite loss, full eval, exact kept counts."""
     config = cheap(load_config(spec), mock_data_dir)
     t = time.time()
