@@ -97,7 +97,8 @@ def test_frozen_weights_do_not_change_and_kept_counts_are_exact(tmp_path):
     # The saved final state: frozen bit-identical to a fresh init from the seed, scores moved.
     model = train.build_model(c, 10)
     tx = train.optim.make_optimizer(c.optim, lambda step: 0.1)
-    fresh = train.create_state(model, tx, (28, 28, 1), c.seed)
+    # jitted, as the trainer inits (op by op, the init would compile every primitive apart)
+    fresh = jax.jit(lambda: train.create_state(model, tx, (28, 28, 1), c.seed))()
     final, _ = ckpt_lib.Checkpointer(str(tmp_path / "checkpoints")).restore(fresh, {})
     assert int(final.step) == 8
     for a, b in zip(jax.tree.leaves(fresh.frozen), jax.tree.leaves(final.frozen)):
@@ -294,7 +295,7 @@ def test_divergence_stops_the_run_and_is_never_saved(tmp_path):
     if latest is not None:  # every saved state is finite
         model = train.build_model(c, 10)
         tx = train.optim.make_optimizer(c.optim, lambda step: 0.1)
-        fresh = train.create_state(model, tx, (28, 28, 1), c.seed)
+        fresh = jax.jit(lambda: train.create_state(model, tx, (28, 28, 1), c.seed))()
         saved, _ = ckpt_lib.Checkpointer(str(tmp_path / "checkpoints")).restore(fresh, {})
         assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(saved.params))
 
