@@ -88,13 +88,24 @@ def _row(run: grid_lib.Run, result: dict | None) -> dict:
     return row
 
 
-def collect(workdir, grid: grid_lib.Grid, base: ml_collections.ConfigDict) -> list[dict]:
-    """One row per finished run of the grid (all workers'), in the grid's order."""
+def collect(workdir, grid: grid_lib.Grid, base: ml_collections.ConfigDict,
+            known: dict[str, dict] | None = None) -> list[dict]:
+    """One row per finished run of the grid (all workers'), in the grid's order.
+
+    known: rows already read, by run name, filled in here: a finished run's results never
+    change, so a long sweep reads each results.json once, not after every run.
+    """
+    known = {} if known is None else known
     rows = []
     for run in grid_lib.expand(grid):
-        result = finished(run_dir(workdir, run), grid_lib.with_overrides(base, run.overrides))
-        if result is not None:
-            rows.append(_row(run, result))
+        directory = run_dir(workdir, run)
+        if run.name not in known and ((directory / "results.json").exists()
+                                      or (directory / STATUS_FILE).exists()):
+            result = finished(directory, grid_lib.with_overrides(base, run.overrides))
+            if result is not None:
+                known[run.name] = _row(run, result)
+        if run.name in known:
+            rows.append(known[run.name])
     return rows
 
 
@@ -150,16 +161,18 @@ def run_sweep(base: ml_collections.ConfigDict, grid: grid_lib.Grid, workdir: str
         except ValueError as e:
             raise ValueError(f"run {run.name}: {e}") from None
     mine = grid_lib.for_worker(runs, worker, num_workers)
-    for run in runs:  # a workdir holding runs of another recipe is refused before anything is written
-        finished(run_dir(workdir, run), configs[run.name])
+    known: dict[str, dict] = {}  # rows of finished runs
+    collect(workdir, grid, base, known)  # refuses a workdir of another recipe before writing to it
     save_grid(workdir, grid, base)
     say(f"sweep: {len(runs)} runs in {workdir}, {len(mine)} for worker {worker} of {num_workers}")
     trained, seconds = 0, 0.0
     for i, run in enumerate(mine, 1):
         directory, config = run_dir(workdir, run), configs[run.name]
-        result = finished(directory, config)
-        if result is not None:
-            top1 = f"top-1 {result['eval']['top1']:.4f}" if result["status"] == "ok" else result["status"]
+        if run.name not in known and (result := finished(directory, config)) is not None:
+            known[run.name] = _row(run, result)  # finished since the start, by another worker
+        if run.name in known:
+            row = known[run.name]
+            top1 = f"top-1 {row['top1']:.4f}" if row["status"] == "ok" else row["status"]
             say(f"[{i}/{len(mine)}] {run.name}: finished earlier ({top1}), skipped")
             continue
         resume = latest_checkpoint(directory)
@@ -173,15 +186,17 @@ def run_sweep(base: ml_collections.ConfigDict, grid: grid_lib.Grid, workdir: str
             say(f"[{i}/{len(mine)}] {run.name}: diverged ({e})")
         else:
             if results["preempted"]:
-                write_outputs(workdir, grid, collect(workdir, grid, base))
+                write_outputs(workdir, grid, collect(workdir, grid, base, known))
                 raise Stopped(f"stopped during run {run.name} at step {results['step']}; its "
                               "checkpoint is saved: rerun the same command to resume")
             trained, seconds = trained + 1, seconds + time.time() - t0
-            left = sum(finished(run_dir(workdir, r), configs[r.name]) is None for r in mine[i:])
-            say(f"[{i}/{len(mine)}] {run.name}: top-1 {results['eval']['top1']:.4f} in "
+        rows = collect(workdir, grid, base, known)
+        write_outputs(workdir, grid, rows)
+        if run.name in known and known[run.name]["status"] == "ok":
+            left = sum(r.name not in known for r in mine[i:])
+            say(f"[{i}/{len(mine)}] {run.name}: top-1 {known[run.name]['top1']:.4f} in "
                 f"{time.time() - t0:.0f} s; {left} to go, ETA {_eta(seconds / trained * left)}")
-        write_outputs(workdir, grid, collect(workdir, grid, base))
-    rows = collect(workdir, grid, base)
+    rows = collect(workdir, grid, base, known)
     write_outputs(workdir, grid, rows)
     say(f"sweep: {len(rows)} of {len(runs)} runs finished -> {epath.Path(workdir) / TABLE_FILE}, "
         f"{epath.Path(workdir) / FIGURE_FILE}")
