@@ -29,3 +29,31 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # xdist workers inherit the c
 def pytest_unconfigure(config):
     if _OWN_CACHE_DIR is not None:
         shutil.rmtree(_OWN_CACHE_DIR, ignore_errors=True)
+
+
+# Under xdist (`make test` runs -n 2) the tests are handed out in collection order; these, the
+# longest (tens of seconds to a minute each on 2 cores), go first so that no worker is left idle
+# at the end while the other still runs one of them. Only the order changes: a name that stops
+# matching merely loses its place. The @pytest.mark.slow ones lead their group.
+LONG_FIRST = (
+    "test_configs.py::test_config_trains_one_step[imagenet",
+    "test_configs.py::test_config_trains_one_step[cifar10_resnet18",
+    "test_configs.py::test_config_trains_one_step",
+    "test_train.py::test_any_device_count_trains_evaluates_checkpoints_and_resumes",
+    "test_multihost.py::",
+    "test_notebooks.py::",
+    "test_export_evaluate.py::",
+    "test_preflight.py::test_conv4_compiles",
+    "test_sweep.py::test_sweep_stops_resumes_skips_and_tabulates",
+    "test_interop.py::test_cresnet18_import_matches_reference",
+)
+
+
+def _long_first_rank(item):
+    name = item.nodeid.rsplit("/", 1)[-1]
+    rank = next((i for i, prefix in enumerate(LONG_FIRST) if name.startswith(prefix)), len(LONG_FIRST))
+    return rank, item.get_closest_marker("slow") is None
+
+
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=_long_first_rank)  # stable: the rest keep their order
