@@ -14,49 +14,27 @@ import jax.numpy as jnp
 import numpy as np
 
 from edgepopup_jax import inits, masking, selection
+from edgepopup_jax.options import EdgePopupOptions, check_options
+from edgepopup_jax.options import MASK_MODES  # noqa: F401 (re-exported: layers.MASK_MODES)
 
-MASK_MODES = ("edge_popup", "supermask", "dense")
 FROZEN = "frozen"
 
 
-def check_mask_mode(mode: str) -> str:
-    if mode not in MASK_MODES:
-        raise ValueError(f"unknown mask mode {mode!r}; allowed: {', '.join(MASK_MODES)}")
-    return mode
+class _SubnetLayer(nn.Module, EdgePopupOptions):
+    """Fields and kernel logic shared by SubnetDense and SubnetConv (keyword-only fields).
 
-
-def check_options(*, mask: str, keep_fraction: float, weight_init: str, weight_init_mode: str,
-                  supermask_eval: str) -> None:
-    """Raises ValueError naming the allowed values for any bad edge-popup option (layers, models)."""
-    check_mask_mode(mask)
-    masking.check_keep_fraction(keep_fraction)
-    inits.check_weight_init(weight_init)
-    inits.check_fan_mode(weight_init_mode)
-    if supermask_eval not in masking.SUPERMASK_EVAL_MODES:
-        raise ValueError(f"unknown supermask_eval {supermask_eval!r}; "
-                         f"allowed: {', '.join(masking.SUPERMASK_EVAL_MODES)}")
-
-
-class _SubnetLayer(nn.Module):
-    """Fields and kernel logic shared by SubnetDense and SubnetConv (keyword-only fields)."""
+    The edge-popup fields come from options.EdgePopupOptions; nn.Module comes first in the bases
+    so that its __post_init__ and __repr__ are the ones used (hence check_options here).
+    """
 
     _: dataclasses.KW_ONLY
-    keep_fraction: float = 0.5
-    weight_init: str = "kaiming_normal"
-    weight_init_mode: str = "fan_in"
-    scale_by_keep_fraction: bool = False
-    mask: str = "edge_popup"
-    mask_scope: str = "layer"  # "global": the mask comes from a selection over all layers
-    supermask_eval: str = "threshold"
     score_init: Callable | None = None  # default: Kaiming-uniform(a=sqrt(5)) over fan_in
     use_bias: bool = False
     dtype: Any = None  # compute dtype; None: that of the inputs
     param_dtype: Any = jnp.float32
 
     def __post_init__(self):
-        check_options(mask=self.mask, keep_fraction=self.keep_fraction, weight_init=self.weight_init,
-                      weight_init_mode=self.weight_init_mode, supermask_eval=self.supermask_eval)
-        selection.check_mask_scope(self.mask_scope)
+        check_options(self)
         if self.use_bias and self.mask != "dense":
             raise ValueError("use_bias=True needs mask='dense': edge-popup and supermask train no bias")
         super().__post_init__()

@@ -15,8 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from edgepopup_jax import inits, masking
-from edgepopup_jax.layers import _padding, _tuple, check_options, conv_channels_last
+from edgepopup_jax import inits, masking, options
+from edgepopup_jax.layers import _padding, _tuple, conv_channels_last
 
 
 class FrozenWeight(nnx.Variable):
@@ -24,16 +24,20 @@ class FrozenWeight(nnx.Variable):
 
 
 class _SubnetLayer(nnx.Module):
-    def _init_kernel(self, shape, fan_in, fan_out, *, keep_fraction, weight_init, weight_init_mode,
-                     scale_by_keep_fraction, mask, supermask_eval, score_init, param_dtype, rngs):
-        check_options(mask=mask, keep_fraction=keep_fraction, weight_init=weight_init,
-                      weight_init_mode=weight_init_mode, supermask_eval=supermask_eval)
-        self.keep_fraction = float(keep_fraction)
-        self.mask = mask
-        self.supermask_eval = supermask_eval
-        init = inits.weight_init(weight_init, fan_in=fan_in, fan_out=fan_out, mode=weight_init_mode,
-                                 keep_fraction=self.keep_fraction if scale_by_keep_fraction else None)
-        if mask == "dense":
+    def _init_kernel(self, shape, fan_in, fan_out, edge_popup_options: dict, *, score_init,
+                     param_dtype, rngs):
+        opts = options.parse(edge_popup_options)
+        if opts.mask_scope != "layer":
+            raise ValueError(f"the NNX layers select their mask per layer: mask_scope must be "
+                             f"'layer', got {opts.mask_scope!r} (global selection: the Linen models "
+                             "with selection.edge_popup_masks)")
+        self.keep_fraction = float(opts.keep_fraction)
+        self.mask = opts.mask
+        self.supermask_eval = opts.supermask_eval
+        init = inits.weight_init(opts.weight_init, fan_in=fan_in, fan_out=fan_out,
+                                 mode=opts.weight_init_mode,
+                                 keep_fraction=self.keep_fraction if opts.scale_by_keep_fraction else None)
+        if opts.mask == "dense":
             self.kernel = nnx.Param(init(rngs.params(), shape, param_dtype))
             self.scores = None
         else:
@@ -60,22 +64,20 @@ class _SubnetLayer(nnx.Module):
 
 
 class SubnetDense(_SubnetLayer):
-    """y = x @ (W * mask(S)); W frozen (FrozenWeight), S learned (nnx.Param)."""
+    """y = x @ (W * mask(S)); W frozen (FrozenWeight), S learned (nnx.Param).
 
-    def __init__(self, in_features: int, out_features: int, *, keep_fraction: float = 0.5,
-                 weight_init: str = "kaiming_normal", weight_init_mode: str = "fan_in",
-                 scale_by_keep_fraction: bool = False, mask: str = "edge_popup",
-                 supermask_eval: str = "threshold", score_init: Callable | None = None,
-                 dtype: Any = None, param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
+    **edge_popup_options: keep_fraction, weight_init, ... (options.EdgePopupOptions).
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, score_init: Callable | None = None,
+                 dtype: Any = None, param_dtype: Any = jnp.float32, rngs: nnx.Rngs,
+                 **edge_popup_options):
         if in_features <= 0 or out_features <= 0:
             raise ValueError(f"SubnetDense needs positive features, got {in_features}, {out_features}")
         self.in_features, self.out_features, self.dtype = in_features, out_features, dtype
         self._init_kernel((in_features, out_features), in_features, out_features,
-                          keep_fraction=keep_fraction, weight_init=weight_init,
-                          weight_init_mode=weight_init_mode,
-                          scale_by_keep_fraction=scale_by_keep_fraction, mask=mask,
-                          supermask_eval=supermask_eval, score_init=score_init,
-                          param_dtype=param_dtype, rngs=rngs)
+                          edge_popup_options, score_init=score_init, param_dtype=param_dtype,
+                          rngs=rngs)
 
     def __call__(self, x, train: bool = False, rngs: nnx.Rngs | None = None):
         kernel = self.masked_kernel(train, rngs)
@@ -84,16 +86,15 @@ class SubnetDense(_SubnetLayer):
 
 
 class SubnetConv(_SubnetLayer):
-    """A channels-last convolution with kernel W * mask(S); arguments as nnx.Conv."""
+    """A channels-last convolution with kernel W * mask(S); arguments as nnx.Conv plus
+    **edge_popup_options (options.EdgePopupOptions)."""
 
     def __init__(self, in_features: int, out_features: int, kernel_size: int | Sequence[int] = 3,
                  strides: int | Sequence[int] = 1, padding: str | int | Sequence = "SAME",
                  input_dilation: int | Sequence[int] = 1, kernel_dilation: int | Sequence[int] = 1,
-                 feature_group_count: int = 1, *, keep_fraction: float = 0.5,
-                 weight_init: str = "kaiming_normal", weight_init_mode: str = "fan_in",
-                 scale_by_keep_fraction: bool = False, mask: str = "edge_popup",
-                 supermask_eval: str = "threshold", score_init: Callable | None = None,
-                 dtype: Any = None, param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
+                 feature_group_count: int = 1, *, score_init: Callable | None = None,
+                 dtype: Any = None, param_dtype: Any = jnp.float32, rngs: nnx.Rngs,
+                 **edge_popup_options):
         if in_features <= 0 or out_features <= 0:
             raise ValueError(f"SubnetConv needs positive features, got {in_features}, {out_features}")
         if in_features % feature_group_count or out_features % feature_group_count:
@@ -112,11 +113,8 @@ class SubnetConv(_SubnetLayer):
         shape = self.window + (in_features // feature_group_count, out_features)
         receptive = int(np.prod(self.window))
         self._init_kernel(shape, receptive * shape[-2], receptive * out_features,
-                          keep_fraction=keep_fraction, weight_init=weight_init,
-                          weight_init_mode=weight_init_mode,
-                          scale_by_keep_fraction=scale_by_keep_fraction, mask=mask,
-                          supermask_eval=supermask_eval, score_init=score_init,
-                          param_dtype=param_dtype, rngs=rngs)
+                          edge_popup_options, score_init=score_init, param_dtype=param_dtype,
+                          rngs=rngs)
 
     def __call__(self, x, train: bool = False, rngs: nnx.Rngs | None = None):
         kernel = self.masked_kernel(train, rngs)

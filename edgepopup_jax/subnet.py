@@ -29,6 +29,7 @@ import numpy as np
 
 from edgepopup_jax import masking, selection
 from edgepopup_jax import subnet_format as fmt
+from edgepopup_jax.options import DEFAULTS as LAYER_OPTION_DEFAULTS
 from edgepopup_jax.subnet_format import (FORMAT_VERSION, MAGIC, SubnetFile, pack_layer,  # noqa: F401
                                          unpack_layer)
 
@@ -65,10 +66,6 @@ def layer_masks(scores: dict, *, mask_mode: str, keep_fraction: float,
 
 # --------------------------------------------------------------------------------------------
 # model options
-
-
-_OPTION_DEFAULTS = dict(keep_fraction=0.5, mask="edge_popup", supermask_eval="threshold",
-                        dense_first=False, dense_last=False, mask_scope="layer")
 
 
 def _json_options(options: dict) -> dict:
@@ -178,7 +175,7 @@ def _encode(*, model_name: str, model_options: dict, variables, keep_fraction=No
 
     options = _json_options(model_options)
     get_model(model_name, **options)  # validates the name and options
-    full = {**_OPTION_DEFAULTS, **options}
+    full = {**LAYER_OPTION_DEFAULTS, **options}
     k = masking.check_keep_fraction(full["keep_fraction"] if keep_fraction is None else keep_fraction)
     options["keep_fraction"] = k
     mask_mode = full["mask"]
@@ -198,7 +195,7 @@ def _encode(*, model_name: str, model_options: dict, variables, keep_fraction=No
     n_masked = n_kept = 0
     if masked:
         masks = layer_masks({p: s for p, (s, _) in masked.items()}, mask_mode=mask_mode,
-                            keep_fraction=k, supermask_eval=full.get("supermask_eval", "threshold"),
+                            keep_fraction=k, supermask_eval=full["supermask_eval"],
                             mask_scope=full["mask_scope"])
     for path, (scores, w) in masked.items():
         packed = pack_layer(np.asarray(jax.device_get(w)), masks[path])

@@ -5,6 +5,8 @@ the command line: --config.model.keep_fraction=0.3, --config.optim.learning_rate
 """
 import ml_collections
 
+from edgepopup_jax import options
+
 CIFAR_MEAN = (0.491, 0.482, 0.447)  # the reference's (its data/cifar.py)
 CIFAR_STD = (0.247, 0.243, 0.262)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -17,13 +19,8 @@ def get_base() -> ml_collections.ConfigDict:
 
     c.model = ml_collections.ConfigDict()
     c.model.name = "conv4"
-    c.model.keep_fraction = 0.5  # fraction of weights KEPT per layer
-    c.model.weight_init = "kaiming_normal"  # kaiming_normal | signed_constant | kaiming_uniform | xavier_normal | unsigned_constant
-    c.model.weight_init_mode = "fan_in"
-    c.model.scale_by_keep_fraction = False  # the paper's "scaled" inits: std = gain / sqrt(k * fan)
-    c.model.mask = "edge_popup"  # edge_popup | supermask (Zhou et al.) | dense (learned weights)
-    c.model.mask_scope = "layer"  # layer (the paper's: top-k in every layer) | global (one threshold over all layers)
-    c.model.supermask_eval = "threshold"
+    # keep_fraction, weight_init, mask, ...: their defaults, allowed values and docs are in options.py
+    c.model.update(options.DEFAULTS)
     c.model.dense_first = False
     c.model.dense_last = False
     c.model.compute_dtype = "float32"  # "bfloat16" on accelerators
