@@ -7,7 +7,7 @@ For each model, at the paper's global batch (CIFAR nets 128, ImageNet nets 256; 
 multiplies it) over all local devices, with the trainer's own jitted step (train.make_steps:
 same shardings, donation, batched mask selection):
   * images/s of the dense baseline and of edge-popup, alternating step by step in one run;
-  * the mask selection's share of the edge-popup step (train.with_masks alone, jitted, timed
+  * the mask selection's share of the edge-popup step (selection.with_masks alone, jitted, timed
     in the same rounds);
 and then the ImageNet input pipeline's images/s (train and eval transforms) on a folder of
 generated 500x375 JPEGs. Works on CPU too (small --batch_scale) as a smoke test.
@@ -23,7 +23,7 @@ import time
 import jax
 import numpy as np
 
-from edgepopup_jax import input_pipeline, sharding, train
+from edgepopup_jax import input_pipeline, selection, sharding, train
 
 CIFAR = {"conv4", "cifar_resnet18"}
 
@@ -49,7 +49,7 @@ def _runner(name: str, mode: str, batch: int, mesh, dtype: str):
     batch_data = sharding.to_global({
         "image": rng.integers(0, 256, (local, size, size, 3), np.uint8),
         "label": rng.integers(0, classes, local).astype(np.int32)}, mesh)
-    masks = jax.jit(functools.partial(train.with_masks, model=plan.model, mesh=mesh))
+    masks = jax.jit(functools.partial(selection.with_masks, model=plan.model, mesh=mesh))
 
     def step():
         t = time.perf_counter()
@@ -57,12 +57,12 @@ def _runner(name: str, mode: str, batch: int, mesh, dtype: str):
         jax.block_until_ready(metrics)
         return time.perf_counter() - t
 
-    def selection():
+    def select_masks():
         t = time.perf_counter()
-        jax.block_until_ready(masks(train._variables(state[0])))
+        jax.block_until_ready(masks(state[0].variables()))
         return time.perf_counter() - t
 
-    return step, selection
+    return step, select_masks
 
 
 def bench_steps(models, rounds, batch_scale, dtype):
@@ -124,7 +124,7 @@ def bench_input(num_images: int, batch: int = 128):
             else:  # the whole split once, counting real (unpadded) images
                 t, n = time.perf_counter(), 0
                 for b in input_pipeline.eval_iterator(c, batch, 0, 1):
-                    n += int(b["mask"].sum())
+                    n += int(b["valid"].sum())
         finally:
             input_pipeline._decode_random_resized_crop = fused
         rates[label] = n / (time.perf_counter() - t)

@@ -9,7 +9,7 @@ layer), "batched bisect" what it runs now (one 31-pass loop for all layers), "pe
 what the CPU runs (before and now).
 
 `compiled` (needs the [preflight] extra): the trainer's real train step compiled for a target,
-old (each layer selects its own mask) vs new (train.with_masks: one selection, split over the
+old (each layer selects its own mask) vs new (selection.with_masks: one selection, split over the
 data axis). Counts the while loops and their trip counts (dependent passes) in the compiled
 program, the collectives, and the bytes the counting passes read per device.
 """
@@ -71,13 +71,13 @@ def time_selection(models, reps):
 @contextlib.contextmanager
 def per_layer_selection():
     """The trainer as it was: no masks collection, each layer selects its own mask."""
-    from edgepopup_jax import train
-    original = train.with_masks
-    train.with_masks = lambda variables, model, mesh=None: variables
+    from edgepopup_jax import selection
+    original = selection.with_masks
+    selection.with_masks = lambda variables, model, *args, **kwargs: variables
     try:
         yield
     finally:
-        train.with_masks = original
+        selection.with_masks = original
 
 
 def _trip_count(line: str, hlo: str) -> int:

@@ -1,16 +1,38 @@
 """Orbax checkpoints of the train state: saved asynchronously and atomically, restored exactly.
 
-Each checkpoint holds the state and a small JSON `meta` (model config, data position) used to
-refuse a checkpoint that does not belong to the run before anything is written.
+A checkpoint directory `<workdir>/checkpoints/<step>/` holds two items:
+  state/  the TrainState (orbax StandardSave): step, params, frozen, batch_stats, opt_state, rng.
+  meta/   one JSON object, the run's `RunMeta` plus what `Checkpointer.save` adds:
+
+  field          type                 meaning
+  format         int                  FORMAT_VERSION of the writer (absent: version 1)
+  checksum       [uint32]             per state leaf, in tree order (see `checksum`); from v2
+  model          {str: value}         config.model: "name" and the model's options
+  seed           int                  config.seed (the frozen weights follow from it)
+  dataset        str                  config.data.name
+  batch_size     int                  the global batch
+  num_classes    int                  the model's classes
+  process_count  int                  processes of the writing run (absent: unknown)
+  history        {train, eval,        the log so far: train [{step, loss, accuracy}], eval
+                  throughput}         [{step, epoch, top1, top5, loss, count}], images/s [float]
+
+Versions: 1 had neither `format` nor `checksum`; 2 added both. `process_count` and `history`
+came later within version 2, so readers treat them as optional. Model options added since
+checkpoints were first written are in ADDED_MODEL_OPTIONS with the value older runs had.
+A run resumes only from a checkpoint whose RUN_IDENTITY fields equal its own.
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import logging as pylogging
 import os
 
+import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
@@ -30,6 +52,47 @@ class CheckpointError(ValueError):
 
 
 FORMAT_VERSION = 2  # 2: meta holds "format" and the state's "checksum"; 1 (no "format"): neither
+
+# Model options added after checkpoints were first written, with the value older runs had
+# (also the value of a config without the option: bn_running_var is only in ResNet configs).
+ADDED_MODEL_OPTIONS = {"mask_scope": "layer", "bn_running_var": "biased"}
+
+RUN_IDENTITY = ("model", "seed", "dataset", "batch_size")  # what a resumed run must match
+
+
+def empty_history() -> dict:
+    return {"train": [], "eval": [], "throughput": []}
+
+
+@dataclasses.dataclass(frozen=True)
+class RunMeta:
+    """The trainer's part of every checkpoint's meta (the table in this module's docstring)."""
+    model: dict
+    seed: int
+    dataset: str
+    batch_size: int
+    num_classes: int
+    process_count: int | None = None
+    history: dict = dataclasses.field(default_factory=empty_history)
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, meta: dict) -> RunMeta:
+        """Reads any version's meta: optional fields missing from older ones get their defaults,
+        and the model its ADDED_MODEL_OPTIONS."""
+        history = {**empty_history(), **(meta.get("history") or {})}
+        return cls(model={**ADDED_MODEL_OPTIONS, **meta["model"]}, seed=meta["seed"],
+                   dataset=meta["dataset"], batch_size=meta["batch_size"],
+                   num_classes=meta["num_classes"], process_count=meta.get("process_count"),
+                   history={k: list(v) for k, v in history.items()})
+
+    def identity(self) -> dict:
+        """The fields a resumed run must share with its checkpoint, model options completed as
+        `from_json` completes a saved one."""
+        meta = {k: getattr(self, k) for k in RUN_IDENTITY}
+        return {**meta, "model": {**ADDED_MODEL_OPTIONS, **meta["model"]}}
 
 
 def _words(x):
@@ -58,6 +121,16 @@ def _leaf_checksums(state):
 
 def checksum(state) -> list[int]:
     return [int(c) for c in jax.device_get(_leaf_checksums(state))]
+
+
+def tree_hash(tree) -> str:
+    """sha256 over every leaf's bytes, in path order, on the host: equal hashes mean
+    bit-identical trees (the trainer's check that the frozen weights never change)."""
+    h = hashlib.sha256()
+    for path, leaf in sorted(flax.traverse_util.flatten_dict(flax.core.unfreeze(tree), sep="/").items()):
+        h.update(path.encode())
+        h.update(np.asarray(jax.device_get(leaf)).tobytes())
+    return h.hexdigest()
 
 
 def _leaf_paths(tree) -> list[str]:

@@ -24,7 +24,7 @@ def _define_flags():  # only when run as a program, so importing this module def
 
 def load(subnet_path: str | None = None, workdir: str | None = None):
     """(model, variables, per-layer stats) from a subnet file or a training workdir."""
-    from edgepopup_jax import export, masking, subnet, summary
+    from edgepopup_jax import export, subnet, summary
     from edgepopup_jax.models import get_model
 
     if (subnet_path is None) == (workdir is None):
@@ -37,18 +37,16 @@ def load(subnet_path: str | None = None, workdir: str | None = None):
                                    sf.mask if e.kind == "masked" else "dense") for e in sf.layers]
         return model, variables, rows
     name, options, variables, _ = export.training_variables(workdir)
-    model = get_model(name, **options)
-    keep = options.get("keep_fraction", 0.5)
-    masking.check_keep_fraction(keep)
-    return model, variables, summary.layer_stats(variables, keep, options.get("mask", "edge_popup"),
-                                                 mask_scope=options.get("mask_scope", "layer"))
+    model = get_model(name, **options)  # checks the options
+    return model, variables, summary.layer_stats(variables, model.keep_fraction, model.mask,
+                                                 mask_scope=model.mask_scope)
 
 
 def evaluate(config, subnet_path: str | None = None, workdir: str | None = None, devices=None):
     """Returns ({top1, top5, loss, count}, per-layer stats)."""
     import jax
 
-    from edgepopup_jax import input_pipeline, sharding, train
+    from edgepopup_jax import evaluation, input_pipeline, sharding
 
     info = input_pipeline.get_info(config.data)
     model, variables, rows = load(subnet_path, workdir)
@@ -57,7 +55,9 @@ def evaluate(config, subnet_path: str | None = None, workdir: str | None = None,
                          f"{info.num_classes}")
     mesh = sharding.make_mesh(devices)
     variables = jax.device_put(variables, sharding.replicated(mesh))
-    metrics = train.evaluate(variables, train.make_eval_fn(model, info.num_classes, mesh, config.data), config, mesh)
+    eval_fn = evaluation.make_eval_fn(model, info.num_classes, mesh, config.data)
+    metrics = evaluation.evaluate(variables, eval_fn, config, mesh,
+                                  evaluation.make_masks_fn(model, mesh))
     return metrics, rows
 
 

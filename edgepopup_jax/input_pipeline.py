@@ -348,11 +348,11 @@ def _eval_transform(config, image: tf.Tensor) -> tf.Tensor:
 
 
 def batch_shapes(info: DatasetInfo, batch_size: int, eval: bool = False) -> dict[str, jax.ShapeDtypeStruct]:
-    """The shapes and dtypes of the batches the iterators below yield (eval batches add "mask")."""
+    """The shapes and dtypes of the batches the iterators below yield (eval batches add "valid")."""
     shapes = {"image": jax.ShapeDtypeStruct((batch_size, *info.image_shape), np.uint8),
               "label": jax.ShapeDtypeStruct((batch_size,), np.int32)}
     if eval:
-        shapes["mask"] = jax.ShapeDtypeStruct((batch_size,), np.float32)
+        shapes["valid"] = jax.ShapeDtypeStruct((batch_size,), np.float32)
     return shapes
 
 
@@ -469,8 +469,8 @@ def eval_iterator(config, batch_size: int, process_index=None, process_count=Non
       process_index, process_count: this process's shard (default: jax's).
 
     Returns:
-      An iterator of {"image": uint8 [B, H, W, C], "label": int32 [B], "mask": [B]}; padding
-      examples (to fill the last batch) have mask 0.
+      An iterator of {"image": uint8 [B, H, W, C], "label": int32 [B], "valid": float32 [B]};
+      padding examples (to fill the last batch) have valid 0, real ones 1.
 
     Raises:
       ValueError: an unknown dataset, split or augment, or a non-positive batch size.
@@ -496,14 +496,14 @@ def eval_iterator(config, batch_size: int, process_index=None, process_count=Non
         batch = next(batches, None)
         real = 0 if batch is None else len(batch["label"])
         if real == batch_size:
-            yield {**batch, "mask": np.ones((batch_size,), np.float32)}
+            yield {**batch, "valid": np.ones((batch_size,), np.float32)}
             continue
         padded = {
             "image": np.zeros((batch_size, *info.image_shape), np.uint8),
             "label": np.zeros((batch_size,), np.int32),
-            "mask": np.zeros((batch_size,), np.float32),
+            "valid": np.zeros((batch_size,), np.float32),
         }
         if real:
             padded["image"][:real], padded["label"][:real] = batch["image"], batch["label"]
-            padded["mask"][:real] = 1.0
+            padded["valid"][:real] = 1.0
         yield padded

@@ -61,7 +61,7 @@ class _SubnetLayer(nn.Module, EdgePopupOptions):
                              "selection.edge_popup_masks(variables['params'], k, 'global')}")
         sampling = self.mask == "supermask" and (train or self.supermask_eval == "sample")
         return weights * masking.layer_mask(scores, self.mask, self.keep_fraction, train=train,
-                                            rng=self.make_rng("mask") if sampling else None,
+                                            rng=self.make_rng(masking.SAMPLE_RNG) if sampling else None,
                                             supermask_eval=self.supermask_eval)
 
     def add_bias(self, y, features: int):

@@ -177,6 +177,7 @@ def topk_mask(scores: jax.Array, keep_fraction: float) -> jax.Array:
 
 
 SUPERMASK_EVAL_MODES = ("threshold", "expectation", "sample")
+SAMPLE_RNG = "supermask"  # the rng stream supermask sampling draws its masks from
 
 
 def supermask(scores: jax.Array, *, rng: jax.Array | None, train: bool,
@@ -192,7 +193,7 @@ def supermask(scores: jax.Array, *, rng: jax.Array | None, train: bool,
     p = jax.nn.sigmoid(scores.astype(jnp.float32))
     if train or eval_mode == "sample":
         if rng is None:
-            raise ValueError("supermask sampling needs an rng (pass rngs={'mask': key} to apply)")
+            raise ValueError(f"supermask sampling needs an rng (pass rngs={{'{SAMPLE_RNG}': key}} to apply)")
         sample = jax.random.bernoulli(rng, p).astype(p.dtype)
         mask = p + jax.lax.stop_gradient(sample - p)
     elif eval_mode == "threshold":

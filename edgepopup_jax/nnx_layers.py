@@ -51,10 +51,10 @@ class _SubnetLayer(nnx.Module):
             return self.kernel[...]
         sampling = self.mask == "supermask" and (train or self.supermask_eval == "sample")
         if sampling and rngs is None:
-            raise ValueError("supermask sampling needs rngs: call layer(x, train=True, rngs=nnx.Rngs(mask=...))")
+            raise ValueError("supermask sampling needs rngs: call layer(x, train=True, rngs=nnx.Rngs(supermask=...))")
         return self.kernel[...] * masking.layer_mask(
             self.scores[...], self.mask, self.keep_fraction, train=train,
-            rng=rngs.mask() if sampling else None, supermask_eval=self.supermask_eval)
+            rng=rngs[masking.SAMPLE_RNG]() if sampling else None, supermask_eval=self.supermask_eval)
 
     def kept(self) -> int:
         """How many weights the current mask keeps."""

@@ -188,7 +188,7 @@ def analyse(config, target: targets.Target, log=print) -> Report:
         memory["train"] = Memory.of(compiled_train)
         log(f"  {time.time() - t:.0f} s; compiling the eval step, batch {eval_global} ...")
         # As the trainer evaluates: the masks selected once (steps.masks), then every batch.
-        variables = jax.eval_shape(steps.masks, train._variables(state))
+        variables = jax.eval_shape(steps.masks, state.variables())
         repl = sharding.replicated(target.mesh)
         variables = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=repl),
                                  variables)

@@ -191,3 +191,17 @@ def fold_into_kernels(frozen, masks):
         weights = flat_frozen[path[:-1] + ("kernel",)]
         folded[path[:-1] + ("kernel",)] = weights * mask.astype(weights.dtype)
     return flax.traverse_util.unflatten_dict(folded)
+
+
+def with_masks(variables: dict, model, mesh=None, axis_name: str = "data", fold: bool = False) -> dict:
+    """variables plus the `masks` collection that model.apply's edge-popup layers use: every
+    layer's mask, selected in one pass over all layers (split over the mesh's devices). fold=True
+    (for evaluation) stores W * mask instead of the mask, multiplied here once. model: any
+    model with `mask`, `keep_fraction` and `mask_scope` (models.MaskedModel)."""
+    if model.mask != "edge_popup" or MASKS in variables:
+        return variables
+    masks = edge_popup_masks(variables["params"], model.keep_fraction, model.mask_scope, mesh,
+                             axis_name)
+    if fold:
+        masks = fold_into_kernels(variables["frozen"], masks)
+    return {**variables, MASKS: masks}

@@ -27,7 +27,7 @@ import ml_collections
 from etils import epath
 
 from edgepopup_jax import grid as grid_lib
-from edgepopup_jax import optim, paper_figures, sweep_plot, train
+from edgepopup_jax import files, optim, paper_figures, sweep_plot, train
 
 GRID_FILE, TABLE_FILE, FIGURE_FILE, STATUS_FILE = "sweep.json", "results.csv", "sweep.png", "sweep_status.json"
 RESULT_COLUMNS = ("seed", "baseline", "status", "top1", "top5", "weights_kept", "weights_total",
@@ -109,12 +109,6 @@ def collect(workdir, grid: grid_lib.Grid, base: ml_collections.ConfigDict,
     return rows
 
 
-def _write_atomically(path: epath.Path, data: bytes) -> None:
-    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"  # per process: workers share the dir
-    tmp.write_bytes(data)
-    tmp.replace(path)
-
-
 def write_outputs(workdir, grid: grid_lib.Grid, rows: list[dict]) -> None:
     """results.csv and sweep.png from the finished runs' rows."""
     columns = [d.label for d in grid.dims] + list(RESULT_COLUMNS)
@@ -122,14 +116,14 @@ def write_outputs(workdir, grid: grid_lib.Grid, rows: list[dict]) -> None:
     writer = csv.DictWriter(out, columns, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
-    _write_atomically(epath.Path(workdir) / TABLE_FILE, out.getvalue().encode())
-    _write_atomically(epath.Path(workdir) / FIGURE_FILE, sweep_plot.plot(grid, rows))
+    files.write_atomically(epath.Path(workdir) / TABLE_FILE, out.getvalue().encode())
+    files.write_atomically(epath.Path(workdir) / FIGURE_FILE, sweep_plot.plot(grid, rows))
 
 
 def save_grid(workdir, grid: grid_lib.Grid, base: ml_collections.ConfigDict) -> None:
     epath.Path(workdir).mkdir(parents=True, exist_ok=True)
     data = {"grid": grid.to_json(), "config": base.to_dict()}
-    _write_atomically(epath.Path(workdir) / GRID_FILE, json.dumps(data, indent=1, default=str).encode())
+    files.write_atomically(epath.Path(workdir) / GRID_FILE, json.dumps(data, indent=1, default=str).encode())
 
 
 def load_grid(workdir) -> tuple[grid_lib.Grid, ml_collections.ConfigDict]:
@@ -182,7 +176,7 @@ def run_sweep(base: ml_collections.ConfigDict, grid: grid_lib.Grid, workdir: str
             results = train_fn(config, str(directory))
         except train.TrainingDiverged as e:
             result = {"status": "diverged", "message": str(e)}
-            _write_atomically(directory / STATUS_FILE, json.dumps(result).encode())
+            files.write_atomically(directory / STATUS_FILE, json.dumps(result).encode())
             say(f"[{i}/{len(mine)}] {run.name}: diverged ({e})")
         else:
             if results["preempted"]:

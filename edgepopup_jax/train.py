@@ -1,17 +1,16 @@
-"""Training and evaluation: `train_and_evaluate(config, workdir)`.
+"""The trainer: `train_and_evaluate(config, workdir)`.
 
 Data flows one way: config -> input pipeline -> model -> state -> step -> eval -> checkpoint.
 One code path for every device count: the batch is sharded on the mesh's `data` axis, the state
 is replicated, and jit inserts the collectives (BatchNorm statistics are over the global batch).
+Evaluation is in evaluation.py, checkpoints and their meta in checkpoint.py.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import json
 import os
-import signal
 import time
 from typing import Any
 
@@ -25,8 +24,11 @@ from absl import logging
 from etils import epath
 
 from edgepopup_jax import checkpoint as ckpt_lib
-from edgepopup_jax import input_pipeline, masking, optim, selection, sharding, summary
+from edgepopup_jax import (evaluation, files, input_pipeline, masking, optim, selection, sharding,
+                           summary)
+from edgepopup_jax.metric_writer import MetricWriter
 from edgepopup_jax.models import get_model
+from edgepopup_jax.preemption import Preemption
 
 
 @flax.struct.dataclass
@@ -38,12 +40,9 @@ class TrainState:
     opt_state: Any
     rng: jax.Array  # raw uint32 key; step keys are fold_in(rng, step), so resuming is exact
 
-
-EVAL_MASK_SEED = 0
-
-# Model options added after checkpoints were first written, with the value older runs had
-# (also the value of a config without the option: bn_running_var is only in ResNet configs).
-ADDED_MODEL_OPTIONS = {"mask_scope": "layer", "bn_running_var": "biased"}
+    def variables(self) -> dict:
+        """The model's variables, as model.apply takes them."""
+        return {"params": self.params, "frozen": self.frozen, "batch_stats": self.batch_stats}
 
 
 def build_model(config: ml_collections.ConfigDict, num_classes: int):
@@ -52,36 +51,14 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int):
     return get_model(name, num_classes=num_classes, **options)
 
 
-def _variables(state: TrainState) -> dict:
-    return {"params": state.params, "frozen": state.frozen, "batch_stats": state.batch_stats}
-
-
 def create_state(model, tx, image_shape, seed: int) -> TrainState:
     init_key, rng = jax.random.split(jax.random.PRNGKey(seed))
-    variables = model.init({"params": init_key, "mask": init_key},
+    variables = model.init({"params": init_key, masking.SAMPLE_RNG: init_key},
                            jnp.zeros((1,) + tuple(image_shape), jnp.float32), train=False)
     params = variables["params"]
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       frozen=variables.get("frozen", {}), batch_stats=variables.get("batch_stats", {}),
                       opt_state=tx.init(params), rng=rng)
-
-
-def cross_entropy(logits, labels, num_classes: int, label_smoothing: float = 0.0):
-    targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), label_smoothing)
-    return optax.softmax_cross_entropy(logits, targets)
-
-
-def with_masks(variables: dict, model, mesh=None, fold: bool = False) -> dict:
-    """variables plus the `masks` collection: every edge-popup layer's mask, selected in one pass
-    over all layers (split over the mesh's devices), which the layers then use. fold=True (for
-    evaluation) stores W * mask instead of the mask, multiplied here once."""
-    if model.mask != "edge_popup" or selection.MASKS in variables:
-        return variables
-    masks = selection.edge_popup_masks(variables["params"], model.keep_fraction, model.mask_scope,
-                                       mesh, sharding.DATA_AXIS)
-    if fold:
-        masks = selection.fold_into_kernels(variables["frozen"], masks)
-    return {**variables, selection.MASKS: masks}
 
 
 def train_step(state: TrainState, batch, *, model, tx, num_classes: int, label_smoothing: float,
@@ -90,10 +67,11 @@ def train_step(state: TrainState, batch, *, model, tx, num_classes: int, label_s
     images = input_pipeline.normalize(batch["image"], mean, std)
 
     def loss_fn(params):
-        variables = with_masks({**_variables(state), "params": params}, model, mesh)
+        variables = selection.with_masks({**state.variables(), "params": params}, model, mesh,
+                                         sharding.DATA_AXIS)
         logits, updates = model.apply(variables, images, train=True,
-                                      mutable=["batch_stats"], rngs={"mask": rng})
-        loss = cross_entropy(logits, batch["label"], num_classes, label_smoothing).mean()
+                                      mutable=["batch_stats"], rngs={masking.SAMPLE_RNG: rng})
+        loss = evaluation.cross_entropy(logits, batch["label"], num_classes, label_smoothing).mean()
         return loss, (logits, updates.get("batch_stats", state.batch_stats))
 
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -124,38 +102,11 @@ def check_finite(pending: list[tuple[int, dict]], last_saved: int | None) -> Non
                 "optim.learning_rate or add warm-up (optim.warmup_epochs), then resume or restart")
 
 
-def eval_step(variables, batch, *, model, num_classes: int, mean, std, mesh=None):
-    """Sums over the real (mask = 1) examples of the batch: loss, top-1 and top-5 hits, count.
-    Uses variables' `masks` when given (the trainer selects them once per evaluation)."""
-    images = input_pipeline.normalize(batch["image"], mean, std)
-    # A fixed `mask` key: supermask_eval="sample" evaluates one sampled subnetwork, the same in
-    # every batch and every evaluation, on every device (other modes draw nothing from it).
-    logits = model.apply(with_masks(variables, model, mesh), images, train=False,
-                         rngs={"mask": jax.random.PRNGKey(EVAL_MASK_SEED)})
-    mask = batch["mask"]
-    labels = batch["label"]
-    top = jax.lax.top_k(logits, min(5, num_classes))[1]
-    hits5 = jnp.any(top == labels[:, None], axis=-1)
-    return {"loss": jnp.sum(cross_entropy(logits, labels, num_classes) * mask),
-            "top1": jnp.sum((top[:, 0] == labels) * mask),
-            "top5": jnp.sum(hits5 * mask),
-            "count": jnp.sum(mask)}
-
-
-def tree_hash(tree) -> str:
-    """sha256 over every leaf's bytes, in path order: equal hashes mean bit-identical trees."""
-    h = hashlib.sha256()
-    for path, leaf in sorted(flax.traverse_util.flatten_dict(flax.core.unfreeze(tree), sep="/").items()):
-        h.update(path.encode())
-        h.update(np.asarray(jax.device_get(leaf)).tobytes())
-    return h.hexdigest()
-
-
-def check_kept_counts(state: TrainState, config) -> list[summary.LayerStats]:
-    """Every edge-popup layer keeps exactly kept_count(n, k) weights; raises if not."""
-    k, scope = config.model.keep_fraction, config.model.get("mask_scope", "layer")
-    rows = summary.layer_stats({"params": state.params}, k, config.model.get("mask", "edge_popup"),
-                               mask_scope=scope)
+def check_kept_counts(state: TrainState, model) -> list[summary.LayerStats]:
+    """Every edge-popup layer of model keeps exactly kept_count(n, k) weights (all layers
+    together for mask_scope "global"); raises if not."""
+    k, scope = model.keep_fraction, model.mask_scope
+    rows = summary.layer_stats({"params": state.params}, k, model.mask, mask_scope=scope)
     masked = [r for r in rows if r.mode == "edge_popup"]
     groups = [masked] if scope == "global" else [[r] for r in masked]
     for group in groups:
@@ -166,89 +117,13 @@ def check_kept_counts(state: TrainState, config) -> list[summary.LayerStats]:
     return rows
 
 
-class _Preemption:
-    """Turns SIGTERM into a flag the loop polls, so the loop can save and exit cleanly."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = None
-
-    def __enter__(self):
-        try:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread: leave signals alone
-            self._previous = None
-        return self
-
-    def _handle(self, signum, frame):
-        self.requested = True
-
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-
-    def any_process(self, sync: bool) -> bool:
-        """Whether any process got SIGTERM. With several processes they must agree, which costs a
-        host sync, so they compare flags only when `sync` (log and eval steps)."""
-        if jax.process_count() == 1:
-            return self.requested
-        if not sync:
-            return False
-        from jax.experimental import multihost_utils
-        return bool(np.any(multihost_utils.process_allgather(np.array(self.requested))))
-
-
-class _Writer:
-    """TensorBoard scalars from process 0 (a no-op elsewhere); tf.summary writes to gs:// too."""
-
-    def __init__(self, workdir: str):
-        self._writer = None
-        if jax.process_index() == 0:
-            import tensorflow as tf
-            self._writer = tf.summary.create_file_writer(workdir)
-
-    def scalars(self, step: int, values: dict):
-        if self._writer is not None:
-            import tensorflow as tf
-            with self._writer.as_default():
-                for k, v in values.items():
-                    tf.summary.scalar(k, float(v), step=step)
-            self._writer.flush()
-
-    def close(self):
-        if self._writer is not None:
-            self._writer.close()
-
-
-def _write_json_atomically(path: epath.Path, obj) -> None:
-    tmp = path.parent / (path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    tmp.replace(path)
-
-
-def make_eval_fn(model, num_classes: int, mesh, data_config):
-    """eval_step jitted over the mesh: variables replicated, batch sharded; normalises the
-    batch's uint8 images with data_config's mean and std."""
-    return jax.jit(functools.partial(eval_step, model=model, num_classes=num_classes, mesh=mesh,
-                                     mean=tuple(data_config.mean), std=tuple(data_config.std)),
-                   in_shardings=(sharding.replicated(mesh), sharding.batch_sharded(mesh)),
-                   out_shardings=sharding.replicated(mesh))
-
-
-def make_masks_fn(model, mesh):
-    """variables -> variables with the masks folded into the kernels (the `masks` collection),
-    jitted over the mesh (replicated): what an evaluation computes once before its batches."""
-    return jax.jit(functools.partial(with_masks, model=model, mesh=mesh, fold=True),
-                   in_shardings=sharding.replicated(mesh), out_shardings=sharding.replicated(mesh))
-
-
 @dataclasses.dataclass(frozen=True)
 class Steps:
     """A run's jitted functions on a mesh, with their shardings and donation: what the trainer
     runs, and exactly what `preflight` compiles ahead of time for an accelerator."""
     init: Any  # seed -> replicated TrainState
     train: Any  # (state, batch) -> (state, metrics); the state is donated
-    eval: Any  # (variables, batch) -> sums over the batch's real examples
+    eval: Any  # (variables, batch) -> sums over the batch's valid examples
     masks: Any  # variables -> variables with every layer's mask (once per evaluation)
 
 
@@ -335,24 +210,48 @@ def make_steps(config, info: input_pipeline.DatasetInfo, plan: Plan, mesh) -> St
                                       mesh=mesh),
                     in_shardings=(repl, data), out_shardings=(repl, repl), donate_argnums=0)
     return Steps(init=init, train=train,
-                 eval=make_eval_fn(plan.model, info.num_classes, mesh, config.data),
-                 masks=make_masks_fn(plan.model, mesh))
+                 eval=evaluation.make_eval_fn(plan.model, info.num_classes, mesh, config.data),
+                 masks=evaluation.make_masks_fn(plan.model, mesh))
 
 
-def evaluate(variables, jitted_eval, config, mesh, masks_fn=None) -> dict:
-    """Top-1, top-5 and loss over the whole eval split (every example exactly once).
-    masks_fn (Steps.masks): select the masks once here rather than in every eval batch."""
-    if masks_fn is not None:
-        variables = masks_fn(variables)
-    totals = None
-    local, _ = sharding.eval_batch_sizes(config.get("eval_batch_size") or config.batch_size, mesh)
-    for batch in input_pipeline.eval_iterator(config.data, batch_size=local):
-        sums = jitted_eval(variables, sharding.to_global(batch, mesh))
-        totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-    totals = jax.device_get(totals)
-    count = max(float(totals["count"]), 1.0)
-    return {"top1": float(totals["top1"]) / count, "top5": float(totals["top5"]) / count,
-            "loss": float(totals["loss"]) / count, "count": int(totals["count"])}
+@dataclasses.dataclass(frozen=True)
+class Intervals:
+    """When the loop's periodic actions run: every `n` steps and at the last step."""
+    total: int
+    log: int
+    eval: int
+    checkpoint: int
+
+    def due(self, step: int, n: int) -> bool:
+        return step % n == 0 or step == self.total
+
+
+class _MetricsSinceLog:
+    """The train metrics of the steps since the last log step, still on the devices (reading
+    them is a host sync), and the images/s since then."""
+
+    def __init__(self, batch_size: int):
+        self._batch_size = batch_size
+        self._pending: list[tuple[int, dict]] = []
+        self._since = time.time()
+        self.reads = 0
+
+    def add(self, step: int, metrics: dict) -> None:
+        self._pending.append((step, metrics))
+
+    def check_finite(self, last_saved: int | None) -> None:
+        check_finite(self._pending, last_saved)
+
+    def read(self, last_saved: int | None) -> tuple[dict, float]:
+        """(mean loss and accuracy, images/s) since the last read; raises TrainingDiverged for
+        a non-finite step."""
+        pending = jax.device_get(self._pending)
+        check_finite(pending, last_saved)
+        values = {k: float(np.mean([m[k] for _, m in pending])) for k in ("loss", "accuracy")}
+        images_per_sec = len(pending) * self._batch_size / max(time.time() - self._since, 1e-9)
+        self._pending, self._since = [], time.time()
+        self.reads += 1
+        return values, images_per_sec
 
 
 def _format_eta(seconds: float) -> str:
@@ -391,49 +290,46 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devic
     local_batch = sharding.local_batch_size(config.batch_size, mesh)
     _, eval_global = sharding.eval_batch_sizes(
         config.get("eval_batch_size") or config.batch_size, mesh)
-    total_steps, steps_per_epoch, schedule = plan.total_steps, plan.steps_per_epoch, plan.schedule
-    eval_every = config.get("eval_every_steps", 0) or steps_per_epoch
-    ckpt_every = config.get("checkpoint_every_steps", 0) or steps_per_epoch
-    log_every = config.get("log_every_steps", 50)
     plan, steps = plan_and_steps(config, info, mesh)
+    total_steps, steps_per_epoch = plan.total_steps, plan.steps_per_epoch
+    every = Intervals(total=total_steps, log=config.get("log_every_steps", 50),
+                      eval=config.get("eval_every_steps", 0) or steps_per_epoch,
+                      checkpoint=config.get("checkpoint_every_steps", 0) or steps_per_epoch)
     num_processes = sharding.process_count(mesh)
 
     state = steps.init(config.seed)
-    frozen_hash_init = tree_hash(state.frozen)
+    frozen_hash_init = ckpt_lib.tree_hash(state.frozen)
 
     epath.Path(workdir).mkdir(parents=True, exist_ok=True)
-    meta = {"model": config.model.to_dict(), "seed": config.seed, "dataset": config.data.name,
-            "batch_size": config.batch_size, "num_classes": info.num_classes,
-            "process_count": num_processes}
+    meta = ckpt_lib.RunMeta(model=config.model.to_dict(), seed=config.seed,
+                            dataset=config.data.name, batch_size=config.batch_size,
+                            num_classes=info.num_classes, process_count=num_processes)
     checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                          max_to_keep=config.get("keep_checkpoints", 3))
     data_order_change = None
-    history, eval_history, throughput = [], [], []  # kept in every checkpoint's meta
     if checkpointer.latest_step() is not None:
-        expected = {k: meta[k] for k in ("model", "seed", "dataset", "batch_size")}
-        expected["model"] = {**ADDED_MODEL_OPTIONS, **expected["model"]}
-        state, saved_meta = checkpointer.restore(
-            state, expected, added_defaults={"model": ADDED_MODEL_OPTIONS})
+        state, saved = checkpointer.restore(
+            state, meta.identity(), added_defaults={"model": ckpt_lib.ADDED_MODEL_OPTIONS})
+        saved = ckpt_lib.RunMeta.from_json(saved)
         logging.info("Resumed from step %d of %s", int(state.step), checkpointer.directory)
-        saved_history = saved_meta.get("history") or {}
-        history, eval_history, throughput = (list(saved_history.get(k, []))
-                                             for k in ("train", "eval", "throughput"))
-        saved_processes = saved_meta.get("process_count")
-        if saved_processes != num_processes:
+        meta = dataclasses.replace(meta, history=saved.history)
+        if saved.process_count != num_processes:
             # Each process shuffles its own contiguous shard, so the batches after this step
             # differ from those the saved run would have seen (the data seen per epoch does not).
-            data_order_change = {"step": int(state.step), "process_count_before": saved_processes,
+            data_order_change = {"step": int(state.step),
+                                 "process_count_before": saved.process_count,
                                  "process_count_now": num_processes}
             logging.warning("DATA ORDER CHANGED: checkpoint %d was written by %s processes, this run "
                             "has %d; training continues from the same state, but the batches from "
                             "step %d on differ from the original run's", int(state.step),
-                            saved_processes if saved_processes is not None else "an unknown number of",
-                            num_processes, int(state.step))
-    if tree_hash(state.frozen) != frozen_hash_init:
+                            saved.process_count if saved.process_count is not None
+                            else "an unknown number of", num_processes, int(state.step))
+    if ckpt_lib.tree_hash(state.frozen) != frozen_hash_init:
         raise ckpt_lib.CheckpointError("the checkpoint's frozen weights differ from this seed's")
     logging.info("Frozen weights sha256 %s", frozen_hash_init)
+    history = meta.history  # appended to as the run goes; saved with every checkpoint
 
-    writer = _Writer(workdir)
+    writer = MetricWriter(workdir)
     start_step = int(state.step)
     train_iter = input_pipeline.train_iterator(config.data, batch_size=local_batch, seed=config.seed,
                                                start_step=start_step)
@@ -442,18 +338,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devic
                  total_steps, steps_per_epoch, config.batch_size, mesh.devices.size, num_processes,
                  eval_global, eval_global // mesh.devices.size)
 
-    def meta_with_history():
-        return {**meta, "history": {"train": history, "eval": eval_history, "throughput": throughput}}
+    def log_train(step, values, images_per_sec):
+        history["train"].append({"step": step, **values})
+        lr = float(plan.schedule(step - 1))
+        eta = (total_steps - step) * config.batch_size / images_per_sec
+        logging.info("step %d/%d  epoch %.2f  loss %.4f  acc %.4f  lr %.4g  %.0f img/s  ETA %s",
+                     step, total_steps, step / steps_per_epoch, values["loss"],
+                     values["accuracy"], lr, images_per_sec, _format_eta(eta))
+        writer.scalars(step, {"train/loss": values["loss"], "train/accuracy": values["accuracy"],
+                              "train/learning_rate": lr, "train/images_per_sec": images_per_sec})
 
-    def is_eval_step(s):
-        return s % eval_every == 0 or s == total_steps
-
-    def run_evaluation(s):
-        result = evaluate(_variables(state), steps.eval, config, mesh, steps.masks)
-        eval_history.append({"step": s, "epoch": s / steps_per_epoch, **result})
+    def run_evaluation(step):
+        result = evaluation.evaluate(state.variables(), steps.eval, config, mesh, steps.masks)
+        history["eval"].append({"step": step, "epoch": step / steps_per_epoch, **result})
         logging.info("eval at step %d: top-1 %.4f  top-5 %.4f  loss %.4f (%d examples)",
-                     s, result["top1"], result["top5"], result["loss"], result["count"])
-        writer.scalars(s, {f"eval/{k}": v for k, v in result.items() if k != "count"})
+                     step, result["top1"], result["top5"], result["loss"], result["count"])
+        writer.scalars(step, {f"eval/{k}": v for k, v in result.items() if k != "count"})
         return result
 
     # Several CPU devices (simulated, XLA_FLAGS=--xla_force_host_platform_device_count): with
@@ -462,90 +362,72 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devic
     # Waiting for each step there avoids it; accelerators keep asynchronous dispatch.
     simulated_devices = mesh.devices.size > 1 and mesh.devices.flat[0].platform == "cpu"
     t_start = time.time()
-    pending, last_eval, preempted = [], None, False
-    t_log, steps_since_log = time.time(), 0
-    step = start_step
-    if eval_history and eval_history[-1]["step"] == step:
-        last_eval = {k: v for k, v in eval_history[-1].items() if k not in ("step", "epoch")}
+    since_log = _MetricsSinceLog(config.batch_size)
+    step, last_eval, preempted = start_step, None, False
+    if history["eval"] and history["eval"][-1]["step"] == step:
+        last_eval = {k: v for k, v in history["eval"][-1].items() if k not in ("step", "epoch")}
     try:  # on any failure, still finish the checkpoint saves already started
-        if 0 < step <= total_steps and is_eval_step(step) and last_eval is None:
+        if 0 < step <= total_steps and every.due(step, every.eval) and last_eval is None:
             last_eval = run_evaluation(step)  # saved before its evaluation ran: run it now
-        with _Preemption() as preemption:
+        with Preemption() as preemption:
             while step < total_steps:
-                batch = sharding.to_global(next(train_iter), mesh)
-                state, metrics = steps.train(state, batch)
+                state, metrics = steps.train(state, sharding.to_global(next(train_iter), mesh))
                 if simulated_devices:
                     jax.block_until_ready(metrics)
                 step += 1
-                pending.append((step, metrics))
-                steps_since_log += 1
-                if step % log_every == 0 or step == total_steps:
-                    pending = jax.device_get(pending)
-                    check_finite(pending, checkpointer.latest_step())
-                    values = jax.tree.map(lambda *xs: float(np.mean(xs)), *[m for _, m in pending])
-                    values.pop("finite")
-                    pending = []
-                    history.append({"step": step, **values})
-                    elapsed = time.time() - t_log
-                    images_per_sec = steps_since_log * config.batch_size / max(elapsed, 1e-9)
-                    if step - start_step > steps_since_log:  # the first interval includes compilation
-                        throughput.append(images_per_sec)
-                    t_log, steps_since_log = time.time(), 0
-                    lr = float(schedule(step - 1))
-                    eta = (total_steps - step) * config.batch_size / images_per_sec
-                    logging.info("step %d/%d  epoch %.2f  loss %.4f  acc %.4f  lr %.4g  %.0f img/s  ETA %s",
-                                 step, total_steps, step / steps_per_epoch, values["loss"],
-                                 values["accuracy"], lr, images_per_sec, _format_eta(eta))
-                    writer.scalars(step, {"train/loss": values["loss"], "train/accuracy": values["accuracy"],
-                                          "train/learning_rate": lr, "train/images_per_sec": images_per_sec})
-                # Save (or start saving) the step's checkpoint, and honour SIGTERM, before evaluating:
-                # a failure in evaluation must not lose the training done.
-                evaluating = is_eval_step(step)
-                stop_now = stop_after_steps is not None and step - start_step >= stop_after_steps
-                sync = step % log_every == 0 or evaluating
-                saving = step % ckpt_every == 0 or step == total_steps
-                stop = stop_now or preemption.any_process(sync=sync)
+                since_log.add(step, metrics)
+                logging_now, evaluating, saving = (every.due(step, n) for n in
+                                                   (every.log, every.eval, every.checkpoint))
+                if logging_now:
+                    values, images_per_sec = since_log.read(checkpointer.latest_step())
+                    if since_log.reads > 1:  # the first interval includes compilation
+                        history["throughput"].append(images_per_sec)
+                    log_train(step, values, images_per_sec)
+                # Save (or start saving) the step's checkpoint, and honour SIGTERM, before
+                # evaluating: a failure in evaluation must not lose the training done.
+                stop_asked = stop_after_steps is not None and step - start_step >= stop_after_steps
+                stop = stop_asked or preemption.any_process(sync=logging_now or evaluating)
                 if stop or saving:
-                    check_finite(pending, checkpointer.latest_step())  # never save a diverged state
+                    since_log.check_finite(checkpointer.latest_step())  # never save a diverged state
                 if stop:
                     preempted = True
-                    checkpointer.save(step, state, meta_with_history(), force=True)
+                    checkpointer.save(step, state, meta.to_json(), force=True)
                     logging.info("Stopping at step %d (%s); checkpoint saved", step,
-                                 "requested" if stop_now else "SIGTERM")
+                                 "requested" if stop_asked else "SIGTERM")
                     break
                 if saving:
-                    checkpointer.save(step, state, meta_with_history())
+                    checkpointer.save(step, state, meta.to_json())
                 if evaluating:
                     checkpointer.wait()  # the step's checkpoint is complete before evaluating
                     last_eval = run_evaluation(step)
         if last_eval is None and not preempted:  # resumed a finished run: nothing to train, still report
-            last_eval = evaluate(_variables(state), steps.eval, config, mesh, steps.masks)
+            last_eval = evaluation.evaluate(state.variables(), steps.eval, config, mesh, steps.masks)
     finally:
         checkpointer.close()
         writer.close()
 
-    if tree_hash(state.frozen) != frozen_hash_init:
+    if ckpt_lib.tree_hash(state.frozen) != frozen_hash_init:
         raise RuntimeError("frozen weights changed during training: this is a bug")
-    rows = check_kept_counts(state, config)
+    rows = check_kept_counts(state, plan.model)
     results = {
         "step": step, "total_steps": total_steps, "preempted": preempted,
         "eval": last_eval,
         "frozen_sha256": frozen_hash_init,
-        "state_sha256": tree_hash({"params": state.params, "batch_stats": state.batch_stats,
-                                   "opt_state": flax.serialization.to_state_dict(state.opt_state)}),
-        "train_history": history,
-        "eval_history": eval_history,
+        "state_sha256": ckpt_lib.tree_hash({"params": state.params, "batch_stats": state.batch_stats,
+                                            "opt_state": flax.serialization.to_state_dict(state.opt_state)}),
+        "train_history": history["train"],
+        "eval_history": history["eval"],
         "layers": [dict(name=r.name, shape=list(r.shape), total=r.total, kept=r.kept, mode=r.mode)
                    for r in rows],
         "weights_total": sum(r.total for r in rows), "weights_kept": sum(r.kept for r in rows),
-        "images_per_sec": float(np.median(throughput)) if throughput else None,
+        "images_per_sec": float(np.median(history["throughput"])) if history["throughput"] else None,
         "wall_time_sec": time.time() - t_start,
         "num_devices": int(mesh.devices.size), "num_processes": num_processes,
         "data_order_changed": data_order_change,
         "config": config.to_dict(),
     }
     if jax.process_index() == 0:
-        _write_json_atomically(epath.Path(workdir) / "results.json", results)
+        files.write_json_atomically(epath.Path(workdir) / "results.json", results)
     if not preempted:
         logging.info("Done: top-1 %.4f top-5 %.4f; kept %d of %d weights\n%s",
                      last_eval["top1"], last_eval["top5"], results["weights_kept"],

@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 
 from edgepopup_jax import checkpoint as ckpt_lib
-from edgepopup_jax import train
 
 # A ResNet run's model meta as written before mask_scope and bn_running_var existed.
 OLD_RESNET = {"name": "cifar_resnet18", "keep_fraction": 0.5, "mask": "edge_popup",
@@ -13,10 +12,10 @@ OLD_RESNET = {"name": "cifar_resnet18", "keep_fraction": 0.5, "mask": "edge_popu
 
 def resume(directory, state, model_options):
     """The trainer's resume check: this run's model options, with the added options' defaults."""
-    expected = {"model": {**train.ADDED_MODEL_OPTIONS, **model_options}, "seed": 0}
+    expected = {"model": {**ckpt_lib.ADDED_MODEL_OPTIONS, **model_options}, "seed": 0}
     checkpointer = ckpt_lib.Checkpointer(str(directory))
     try:
-        return checkpointer.restore(state, expected, added_defaults={"model": train.ADDED_MODEL_OPTIONS})
+        return checkpointer.restore(state, expected, added_defaults={"model": ckpt_lib.ADDED_MODEL_OPTIONS})
     finally:
         checkpointer.close()
 

@@ -201,7 +201,7 @@ def test_paper_sweeps_are_expressible_on_conv4():
             c.model.scale_by_keep_fraction = scaled
             model = train.build_model(c, 10)
             variables = jax.eval_shape(
-                lambda m=model: m.init({"params": jax.random.PRNGKey(0), "mask": jax.random.PRNGKey(0)},
+                lambda m=model: m.init({"params": jax.random.PRNGKey(0), "supermask": jax.random.PRNGKey(0)},
                                        np.zeros((1, 32, 32, 3), np.float32), train=False))
             shapes = {"/".join(str(getattr(k, "key", k)) for k in path): leaf.shape
                       for path, leaf in jax.tree_util.tree_leaves_with_path(variables["frozen"])}

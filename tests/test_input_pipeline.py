@@ -170,8 +170,8 @@ def test_eval_process_shards_cover_split_exactly_once():
     assert [len(x) for x in per_process] == [ip.num_eval_batches(info, 64, 2)] * 2 == [8, 8]
 
     def real_hashes(batches):
-        images = np.concatenate([b["image"][b["mask"] == 1] for b in batches])
-        labels = np.concatenate([b["label"][b["mask"] == 1] for b in batches])
+        images = np.concatenate([b["image"][b["valid"] == 1] for b in batches])
+        labels = np.concatenate([b["label"][b["valid"] == 1] for b in batches])
         return Counter(h + str(l) for h, l in zip(hashes(images), labels))
 
     expected = real_hashes(single)
@@ -179,18 +179,18 @@ def test_eval_process_shards_cover_split_exactly_once():
     assert real_hashes(per_process[0]) + real_hashes(per_process[1]) == expected
     for batches in [single, *per_process]:
         for b in batches:
-            assert b["image"].shape == (64, 28, 28, 1) and b["mask"].dtype == np.float32
-            pad = b["mask"] == 0
+            assert b["image"].shape == (64, 28, 28, 1) and b["valid"].dtype == np.float32
+            pad = b["valid"] == 0
             assert np.all(b["image"][pad] == 0) and np.all(b["label"][pad] == 0)
-    assert single[-1]["mask"].sum() == 1000 - 15 * 64
-    assert per_process[1][-1]["mask"].sum() == 500 - 7 * 64
+    assert single[-1]["valid"].sum() == 1000 - 15 * 64
+    assert per_process[1][-1]["valid"].sum() == 500 - 7 * 64
 
 
 def test_eval_more_processes_than_batches_pads_whole_batches():
     cfg = make_config()
     runs = [list(ip.eval_iterator(cfg, batch_size=300, process_index=p, process_count=3)) for p in range(3)]
     assert [len(r) for r in runs] == [2, 2, 2]
-    assert sum(b["mask"].sum() for r in runs for b in r) == 1000
+    assert sum(b["valid"].sum() for r in runs for b in r) == 1000
 
 
 def test_eval_is_deterministic():
@@ -243,10 +243,10 @@ def test_folder_info_labels_train_and_eval(tmp_path, cache):
     assert epoch[0]["image"].shape == (6, 12, 10, 3)
 
     evals = list(ip.eval_iterator(cfg, batch_size=4, process_index=0, process_count=1))
-    assert len(evals) == 3 and [b["mask"].sum() for b in evals] == [4, 4, 1]
-    eval_ids = np.concatenate([pixel_ids(b)[b["mask"] == 1] for b in evals])
+    assert len(evals) == 3 and [b["valid"].sum() for b in evals] == [4, 4, 1]
+    eval_ids = np.concatenate([pixel_ids(b)[b["valid"] == 1] for b in evals])
     assert sorted(eval_ids.tolist()) == list(range(19, 28))
-    eval_labels = np.concatenate([b["label"][b["mask"] == 1] for b in evals])
+    eval_labels = np.concatenate([b["label"][b["valid"] == 1] for b in evals])
     assert eval_labels.tolist() == [expected_label(v, 3, 18) for v in eval_ids]
 
 
@@ -259,7 +259,7 @@ def test_folder_process_shards_and_resume(tmp_path):
     assert_same_batches(resumed, shards[1][1:])
     evals = [list(ip.eval_iterator(cfg, 2, process_index=p, process_count=2)) for p in range(2)]
     assert len(evals[0]) == len(evals[1]) == 2
-    eval_ids = sorted(v for e in evals for b in e for v in pixel_ids(b)[b["mask"] == 1].tolist())
+    eval_ids = sorted(v for e in evals for b in e for v in pixel_ids(b)[b["valid"] == 1].tolist())
     assert eval_ids == list(range(22, 28))
 
 
@@ -317,7 +317,7 @@ def test_tfds_cifar10_mock_cifar_augment(tmp_path):
     assert aug["image"].shape == (32, 32, 32, 3) and aug["label"].dtype == np.int32
     np.testing.assert_array_equal(aug["label"], plain["label"])
     assert np.mean(np.any(aug["image"] != plain["image"], axis=(1, 2, 3))) > 0.5
-    assert [b["mask"].sum() for b in evals] == [48, 16]
+    assert [b["valid"].sum() for b in evals] == [48, 16]
     assert evals[0]["image"].shape == (48, 32, 32, 3)
 
 

@@ -279,9 +279,9 @@ def test_supermask_layer_needs_rng_and_samples_differ():
     v = layer.init(jax.random.PRNGKey(0), x)
     with pytest.raises(Exception, match="mask"):
         jax.eval_shape(lambda v_: layer.apply(v_, x, train=True), v)
-    y1 = layer.apply(v, x, train=True, rngs={"mask": jax.random.PRNGKey(1)})
-    y2 = layer.apply(v, x, train=True, rngs={"mask": jax.random.PRNGKey(2)})
-    y1b = layer.apply(v, x, train=True, rngs={"mask": jax.random.PRNGKey(1)})
+    y1 = layer.apply(v, x, train=True, rngs={"supermask": jax.random.PRNGKey(1)})
+    y2 = layer.apply(v, x, train=True, rngs={"supermask": jax.random.PRNGKey(2)})
+    y1b = layer.apply(v, x, train=True, rngs={"supermask": jax.random.PRNGKey(1)})
     assert np.any(np.asarray(y1) != np.asarray(y2))
     np.testing.assert_array_equal(np.asarray(y1), np.asarray(y1b))
     # eval (threshold) needs no rng: W * (S > 0)
@@ -298,7 +298,7 @@ def test_supermask_layer_grad_straight_through():
     layer = SubnetDense(4, mask="supermask")
     v = layer.init(jax.random.PRNGKey(0), x)
     g = jax.grad(lambda p: jnp.sum(layer.apply({**v, "params": p}, x, train=True,
-                                               rngs={"mask": jax.random.PRNGKey(3)})))(v["params"])
+                                               rngs={"supermask": jax.random.PRNGKey(3)})))(v["params"])
     assert set(g) == {"scores"}
     w = np.asarray(v["frozen"]["kernel"], np.float64)
     sig = 1 / (1 + np.exp(-np.asarray(v["params"]["scores"], np.float64)))

@@ -254,7 +254,7 @@ def test_supermask_model_needs_mask_rng():
     x = jnp.zeros((1, 32, 32, 3))
     with pytest.raises(Exception, match="mask"):
         jax.eval_shape(lambda v_: model.apply(v_, x, train=True), v)
-    out = jax.eval_shape(lambda v_: model.apply(v_, x, train=True, rngs={"mask": KEY}), v)
+    out = jax.eval_shape(lambda v_: model.apply(v_, x, train=True, rngs={"supermask": KEY}), v)
     assert out.shape == (1, 10)
     assert jax.eval_shape(lambda v_: model.apply(v_, x), v).shape == (1, 10)  # eval: no rng
 

@@ -20,6 +20,7 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from edgepopup_jax import checkpoint as ckpt_lib  # noqa: E402
 from edgepopup_jax import input_pipeline, optim, sharding, train  # noqa: E402
 
 _spec = importlib.util.spec_from_file_location("multihost_worker", ROOT / "tests" / "multihost_worker.py")
@@ -105,7 +106,7 @@ def single_process_reference_losses(config, devices):
         batch = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
         state, metrics = step_fn(state, sharding.to_global(batch, mesh))
         losses.append(float(metrics["loss"]))
-    return np.array(losses), train.tree_hash(state.frozen)
+    return np.array(losses), ckpt_lib.tree_hash(state.frozen)
 
 
 def test_two_processes_match_one_process_on_the_same_global_batches(tmp_path):

@@ -84,7 +84,7 @@ def test_dense_mode_and_errors():
     sm = nnx_layers.SubnetDense(3, 2, mask="supermask", rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="needs rngs"):
         sm(jnp.ones((1, 3)), train=True)
-    assert sm(jnp.ones((1, 3)), train=True, rngs=nnx.Rngs(mask=1)).shape == (1, 2)
+    assert sm(jnp.ones((1, 3)), train=True, rngs=nnx.Rngs(supermask=1)).shape == (1, 2)
 
 
 # ----------------------------------------------------------------------------- outputs and gradients
@@ -137,11 +137,11 @@ def test_dense_outputs_and_gradients_match_linen(same_mask_key, mode, dtype):
         w = v["frozen"]["kernel"]
 
     def linen_loss(params):
-        y = lin.apply({**v, "params": params}, x, train=True, rngs={"mask": jax.random.key(9)})
+        y = lin.apply({**v, "params": params}, x, train=True, rngs={"supermask": jax.random.key(9)})
         return jnp.sum(y.astype(jnp.float32) * g), y
 
     def nnx_loss(m):
-        y = m(x, train=True, rngs=nnx.Rngs(mask=9))
+        y = m(x, train=True, rngs=nnx.Rngs(supermask=9))
         return jnp.sum(y.astype(jnp.float32) * g), y
 
     (_, y_lin), g_lin = jax.value_and_grad(linen_loss, has_aux=True)(v["params"])
@@ -170,16 +170,16 @@ def test_supermask_conv_sampled_evaluation_matches_linen(same_mask_key):
     x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 6, 6, 3)), jnp.float32)
     kw = dict(mask="supermask", supermask_eval="sample", dtype=jnp.bfloat16)
     lin = linen_layers.SubnetConv(4, (3, 3), strides=2, **kw)
-    v = lin.init({"params": jax.random.key(1), "mask": jax.random.key(2)}, x)
+    v = lin.init({"params": jax.random.key(1), "supermask": jax.random.key(2)}, x)
     layer = nnx_layers.SubnetConv(3, 4, (3, 3), strides=2, rngs=nnx.Rngs(3), **kw)
     _copy_from_linen(layer, v)
 
     def linen_loss(params):
-        y = lin.apply({**v, "params": params}, x, rngs={"mask": jax.random.key(9)})
+        y = lin.apply({**v, "params": params}, x, rngs={"supermask": jax.random.key(9)})
         return jnp.sum(y.astype(jnp.float32) ** 2), y
 
     def nnx_loss(m):
-        y = m(x, rngs=nnx.Rngs(mask=9))
+        y = m(x, rngs=nnx.Rngs(supermask=9))
         return jnp.sum(y.astype(jnp.float32) ** 2), y
 
     (loss_lin, y), g_lin = jax.value_and_grad(linen_loss, has_aux=True)(v["params"])

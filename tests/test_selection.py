@@ -12,7 +12,7 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from edgepopup_jax import masking, selection, sharding, train  # noqa: E402
+from edgepopup_jax import evaluation, masking, selection, sharding, train  # noqa: E402
 from edgepopup_jax.models import MODEL_NAMES, get_model  # noqa: E402
 
 
@@ -166,7 +166,7 @@ def test_evaluation_folds_the_masks_into_the_kernels_once():
     x = jax.random.normal(jax.random.key(1), (2, 16, 16, 3))
     variables = jax.jit(model.init)({"params": jax.random.key(0)}, x)
     mesh = sharding.make_mesh(jax.devices()[:2])
-    folded = train.make_masks_fn(model, mesh)(variables)
+    folded = evaluation.make_masks_fn(model, mesh)(variables)
     for layer, entry in folded[selection.MASKS].items():
         w = variables["frozen"][layer]["kernel"]
         expect = w * masking.topk_mask_reference(variables["params"][layer]["scores"], 0.3)

@@ -18,7 +18,7 @@ sys.path.insert(0, str(ROOT))
 
 from edgepopup_jax.configs import default  # noqa: E402
 from edgepopup_jax import checkpoint as ckpt_lib  # noqa: E402
-from edgepopup_jax import grid, input_pipeline, train  # noqa: E402
+from edgepopup_jax import evaluation, grid, input_pipeline, train  # noqa: E402
 
 
 def small_config(**overrides):
@@ -103,7 +103,7 @@ def test_frozen_weights_do_not_change_and_kept_counts_are_exact(tmp_path):
     assert int(final.step) == 8
     for a, b in zip(jax.tree.leaves(fresh.frozen), jax.tree.leaves(final.frozen)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    assert train.tree_hash(final.frozen) == results["frozen_sha256"]
+    assert ckpt_lib.tree_hash(final.frozen) == results["frozen_sha256"]
     moved = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(fresh.params),
                                                         jax.tree.leaves(final.params))]
     assert all(moved)
@@ -256,7 +256,7 @@ def test_epoch_checkpoint_is_saved_before_evaluation(tmp_path, monkeypatch):
     def broken_evaluation(*args, **kwargs):
         raise RuntimeError("evaluation failed")
 
-    monkeypatch.setattr(train, "evaluate", broken_evaluation)
+    monkeypatch.setattr(evaluation, "evaluate", broken_evaluation)
     with pytest.raises(RuntimeError, match="evaluation failed"):
         train.train_and_evaluate(c, str(tmp_path), devices=one_device())
     # The epoch's training is not lost: its checkpoint was written before the evaluation.
@@ -417,11 +417,11 @@ def test_resnet_evaluation_uses_the_running_batchnorm_statistics():
     assert np.abs(_resnet_eval_reference(variables, x, k, running_stats=False) - logits).max() > 0.1
 
     mesh = sharding.make_mesh(jax.devices()[:1])
-    folded = train.make_masks_fn(model, mesh)(variables)
-    eval_fn = train.make_eval_fn(model, 10, mesh, data)
+    folded = evaluation.make_masks_fn(model, mesh)(variables)
+    eval_fn = evaluation.make_eval_fn(model, 10, mesh, data)
 
-    def sums(imgs, mask):
-        batch = {"image": imgs, "label": labels, "mask": np.asarray(mask, np.float32)}
+    def sums(imgs, valid):
+        batch = {"image": imgs, "label": labels, "valid": np.asarray(valid, np.float32)}
         return jax.device_get(eval_fn(folded, sharding.to_global(batch, mesh)))
 
     full = sums(images, np.ones(n))
