@@ -80,17 +80,17 @@ class RunMeta:
 
     @classmethod
     def from_json(cls, meta: dict) -> RunMeta:
-        """Reads any version's meta: optional fields missing from older ones get their defaults,
-        and the model its ADDED_MODEL_OPTIONS."""
+        """Reads any version's meta: optional fields missing from older ones get their defaults.
+        The model options stay as saved (`identity` completes them for comparing)."""
         history = {**empty_history(), **(meta.get("history") or {})}
-        return cls(model={**ADDED_MODEL_OPTIONS, **meta["model"]}, seed=meta["seed"],
+        return cls(model=dict(meta["model"]), seed=meta["seed"],
                    dataset=meta["dataset"], batch_size=meta["batch_size"],
                    num_classes=meta["num_classes"], process_count=meta.get("process_count"),
                    history={k: list(v) for k, v in history.items()})
 
     def identity(self) -> dict:
-        """The fields a resumed run must share with its checkpoint, model options completed as
-        `from_json` completes a saved one."""
+        """The fields a resumed run must share with its checkpoint, the model's options
+        completed with ADDED_MODEL_OPTIONS (as Checkpointer.restore completes a saved meta's)."""
         meta = {k: getattr(self, k) for k in RUN_IDENTITY}
         return {**meta, "model": {**ADDED_MODEL_OPTIONS, **meta["model"]}}
 

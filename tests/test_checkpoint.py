@@ -33,3 +33,19 @@ def test_an_older_resnet_checkpoint_resumes_only_with_the_running_variance_it_ha
         restored, meta = resume(tmp_path, state, options)
         np.testing.assert_array_equal(restored["scores"], state["scores"])
         assert meta["model"]["bn_running_var"] == "biased" and meta["model"]["mask_scope"] == "layer"
+
+
+def test_run_meta_reads_every_version():
+    """A version-1 meta (no format, checksum, process_count or history; a model without the
+    added options) reads with the documented defaults; a current one round-trips."""
+    v1 = {"model": OLD_RESNET, "seed": 3, "dataset": "cifar10", "batch_size": 128, "num_classes": 10}
+    meta = ckpt_lib.RunMeta.from_json(v1)
+    assert meta.model == OLD_RESNET and meta.process_count is None
+    assert meta.history == {"train": [], "eval": [], "throughput": []}
+    current = {**v1, "model": meta.model, "process_count": 2,
+               "history": {"train": [{"step": 5, "loss": 1.5, "accuracy": 0.5}], "eval": [],
+                           "throughput": [100.0]}}
+    assert ckpt_lib.RunMeta.from_json({**current, "format": 2, "checksum": [1]}).to_json() == current
+    # What a resumed run must match: the identity fields, model options completed the same way.
+    assert meta.identity() == {"model": {**OLD_RESNET, "mask_scope": "layer", "bn_running_var": "biased"},
+                               "seed": 3, "dataset": "cifar10", "batch_size": 128}

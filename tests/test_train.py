@@ -1,4 +1,5 @@
 """The trainer end to end on the embedded MNIST-5k default: accuracy, devices, resume, errors."""
+import dataclasses
 import hashlib
 import json
 import os
@@ -334,11 +335,24 @@ def test_flipped_byte_in_a_checkpoint_is_caught_by_its_checksum(tmp_path):
     assert dir_digest(workdir / "checkpoints") == before
 
 
+def test_periodic_actions_are_due_every_n_steps_and_at_the_last():
+    every = train.Intervals(total=10, log=4, eval=3, checkpoint=10)
+    assert [s for s in range(1, 11) if every.due(s, every.log)] == [4, 8, 10]
+    assert [s for s in range(1, 11) if every.due(s, every.eval)] == [3, 6, 9, 10]
+    assert [s for s in range(1, 11) if every.due(s, every.checkpoint)] == [10]
+
+
 def test_checksum_mismatch_is_refused(tmp_path):
     c, workdir = _trained_workdir(tmp_path)
     meta_file = next((workdir / "checkpoints" / "4" / "meta").rglob("*"))
     meta = json.loads(meta_file.read_text())
     assert meta["format"] == ckpt_lib.FORMAT_VERSION and len(meta["checksum"]) > 5
+    # The meta is exactly the written format: RunMeta's fields plus what save adds.
+    run_fields = {f.name for f in dataclasses.fields(ckpt_lib.RunMeta)}
+    assert set(meta) == run_fields | {"format", "checksum"}
+    run_meta = {k: meta[k] for k in run_fields}
+    assert ckpt_lib.RunMeta.from_json(meta).to_json() == run_meta
+    assert [h["step"] for h in meta["history"]["train"]] == [1, 2, 3, 4] and meta["process_count"] == 1
     meta["checksum"][3] = (meta["checksum"][3] + 1) % 2**32  # as if that array's data changed
     meta_file.write_text(json.dumps(meta))
     c.num_train_steps = 6
