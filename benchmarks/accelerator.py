@@ -26,6 +26,7 @@ import numpy as np
 from edgepopup_jax import input_pipeline, selection, sharding, train
 
 CIFAR = {"conv4", "cifar_resnet18"}
+INPUT_BATCH = 128
 
 
 def _config(name: str, mode: str, batch: int, dtype: str):
@@ -89,7 +90,7 @@ def bench_steps(models, rounds, batch_scale, dtype):
               f"{med['popup'] / med['dense']:.3f} | {med['select'] / med['popup']:.1%} |", flush=True)
 
 
-def bench_input(num_images: int, batch: int = 128):
+def bench_input(num_images: int, batch: int = INPUT_BATCH):
     import tensorflow as tf
     from edgepopup_jax.configs import imagenet
     root = tempfile.mkdtemp(prefix="jpegs_")
@@ -139,6 +140,9 @@ def main():
     p.add_argument("--input_images", type=int, default=2000, help="0 skips the input benchmark")
     p.add_argument("--dtype", default="bfloat16", help="compute dtype (float32 for the CPU table)")
     args = p.parse_args()
+    if 0 < args.input_images < 2 * INPUT_BATCH:
+        p.error(f"--input_images must be 0 (skip) or >= {2 * INPUT_BATCH} (a warm-up batch and a "
+                f"timed one of {INPUT_BATCH}), got {args.input_images}")
     bench_steps([m for m in args.models.split(",") if m], args.rounds, args.batch_scale, args.dtype)
     if args.input_images:
         bench_input(args.input_images)
