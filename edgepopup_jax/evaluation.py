@@ -49,12 +49,15 @@ def make_eval_fn(model, num_classes: int, mesh, data_config):
                    out_shardings=sharding.replicated(mesh))
 
 
-def make_masks_fn(model, mesh):
+def make_masks_fn(model, mesh, variables_sharding=None):
     """variables -> variables with the masks folded into the kernels (the `masks` collection),
-    jitted over the mesh (replicated): what an evaluation computes once before its batches."""
+    jitted over the mesh: what an evaluation computes once before its batches. The variables
+    come as variables_sharding says (default: replicated); the result is replicated."""
     return jax.jit(functools.partial(selection.with_masks, model=model, mesh=mesh,
                                      axis_name=sharding.DATA_AXIS, fold=True),
-                   in_shardings=sharding.replicated(mesh), out_shardings=sharding.replicated(mesh))
+                   in_shardings=(sharding.replicated(mesh) if variables_sharding is None
+                                 else (variables_sharding,)),
+                   out_shardings=sharding.replicated(mesh))
 
 
 def evaluate(variables, eval_fn, config, mesh, masks_fn=None) -> dict:

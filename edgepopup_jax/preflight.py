@@ -123,10 +123,11 @@ def _prepare(config: ml_collections.ConfigDict, target: targets.Target):
     return info, train.make_plan(config, info)
 
 
-def _abstract_state(steps: train.Steps, seed: int, mesh):
-    repl = sharding.replicated(mesh)
+def _abstract_state(steps: train.Steps, seed: int):
+    """The train state's shapes, placed as the trainer places it (steps.state_sharding)."""
     shapes = jax.eval_shape(lambda: steps.init(seed))
-    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=repl), shapes)
+    return jax.tree.map(lambda s, where: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=where),
+                        shapes, steps.state_sharding)
 
 
 def _abstract_batch(info, batch_size: int, mesh, eval: bool = False):
@@ -146,7 +147,7 @@ def compile_train_step(config, target: targets.Target):
     """The compiled train step of `config` for `target` (config.batch_size is global)."""
     info, plan = _prepare(config, target)
     steps = train.make_steps(config, info, plan, target.mesh)
-    state = _abstract_state(steps, config.seed, target.mesh)
+    state = _abstract_state(steps, config.seed)
     return _compile(steps.train, state, _abstract_batch(info, config.batch_size, target.mesh))
 
 
@@ -175,7 +176,7 @@ def analyse(config, target: targets.Target, log=print) -> Report:
     """Compiles config's train and eval steps for target and measures them."""
     info, plan = _prepare(config, target)
     steps = train.make_steps(config, info, plan, target.mesh)
-    state = _abstract_state(steps, config.seed, target.mesh)
+    state = _abstract_state(steps, config.seed)
     _, eval_global = sharding.eval_batch_sizes(
         config.get("eval_batch_size") or config.batch_size, target.mesh)
     t = time.time()

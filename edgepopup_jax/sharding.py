@@ -1,10 +1,13 @@
 """Devices and data placement: one code path for 1 CPU, 8 GPUs or a TPU pod.
 
 The mesh has a single `data` axis over all devices of all processes; the batch is sharded on
-it and the train state is replicated. Each process feeds only its own share of the batch.
+it. The train state is replicated, or with state_sharding="fsdp" each large array is split over
+the same axis (XLA gathers the weights for the forward). Each process feeds only its own share
+of the batch.
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import jax
@@ -12,6 +15,10 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 DATA_AXIS = "data"
+STATE_SHARDINGS = ("replicated", "fsdp")
+# With fsdp, smaller arrays (BatchNorm statistics, biases, the step, the rng) stay replicated:
+# gathering them would cost more than the memory they take.
+FSDP_MIN_SIZE = 2**12
 
 
 def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
@@ -41,6 +48,42 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def batch_sharded(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+
+
+def check_state_sharding(mode: str) -> str:
+    if mode not in STATE_SHARDINGS:
+        raise ValueError(f"unknown state_sharding {mode!r}; allowed: {', '.join(STATE_SHARDINGS)}")
+    return mode
+
+
+def state_shardings(abstract_tree, mesh: Mesh, mode: str):
+    """A NamedSharding per leaf of abstract_tree (shapes suffice). "replicated": all replicated.
+    "fsdp": each array of >= FSDP_MIN_SIZE elements is split over `data` along its largest
+    dimension that the device count divides (ties: the first); arrays with no such dimension,
+    and small ones, stay replicated."""
+    check_state_sharding(mode)
+    n = mesh.devices.size
+
+    def one(leaf):
+        dims = [i for i, size in enumerate(leaf.shape) if size % n == 0]
+        if mode == "replicated" or n == 1 or leaf.size < FSDP_MIN_SIZE or not dims:
+            return replicated(mesh)
+        axis = max(dims, key=lambda i: (leaf.shape[i], -i))
+        return NamedSharding(mesh, PartitionSpec(*[DATA_AXIS if i == axis else None
+                                                   for i in range(len(leaf.shape))]))
+
+    return jax.tree.map(one, abstract_tree)
+
+
+@functools.lru_cache(maxsize=8)
+def _replicator(mesh: Mesh):
+    return jax.jit(lambda tree: tree, out_shardings=replicated(mesh))
+
+
+def replicate(tree, mesh: Mesh):
+    """tree with every array replicated over the mesh: fully addressable on every process, so
+    it can be read on the host (a copy for arrays that already are)."""
+    return _replicator(mesh)(tree)
 
 
 def process_count(mesh: Mesh) -> int:
@@ -75,7 +118,7 @@ def eval_batch_sizes(eval_batch_size: int, mesh: Mesh) -> tuple[int, int]:
 
     Any eval batch size works on any device count: each device gets ceil(eval_batch_size / n)
     examples, so the global batch is eval_batch_size rounded up to a multiple of n. The eval
-    iterator pads the split's last batches (mask 0), so every example is still counted once.
+    iterator pads the split's last batches (valid 0), so every example is still counted once.
     """
     if eval_batch_size <= 0:
         raise ValueError(f"eval_batch_size must be positive, got {eval_batch_size}")

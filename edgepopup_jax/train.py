@@ -121,10 +121,11 @@ def check_kept_counts(state: TrainState, model) -> list[summary.LayerStats]:
 class Steps:
     """A run's jitted functions on a mesh, with their shardings and donation: what the trainer
     runs, and exactly what `preflight` compiles ahead of time for an accelerator."""
-    init: Any  # seed -> replicated TrainState
+    init: Any  # seed -> TrainState, placed as state_sharding says
     train: Any  # (state, batch) -> (state, metrics); the state is donated
     eval: Any  # (variables, batch) -> sums over the batch's valid examples
     masks: Any  # variables -> variables with every layer's mask (once per evaluation)
+    state_sharding: Any  # a NamedSharding per TrainState leaf (config.state_sharding)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,6 +155,7 @@ def check_run_options(config: ml_collections.ConfigDict, info: input_pipeline.Da
     if config.get("keep_checkpoints", 3) is not None:
         _check_count("keep_checkpoints", config.get("keep_checkpoints", 3), 1, " (None: keep all)")
     _check_count("data.shuffle_buffer", config.data.get("shuffle_buffer", 1), 1)
+    sharding.check_state_sharding(config.get("state_sharding", "replicated"))
     channels = info.image_shape[-1]
     for field in ("mean", "std"):
         values = tuple(config.data[field])
@@ -201,17 +203,21 @@ def plan_and_steps(config, info: input_pipeline.DatasetInfo, mesh) -> tuple[Plan
 
 def make_steps(config, info: input_pipeline.DatasetInfo, plan: Plan, mesh) -> Steps:
     repl, data = sharding.replicated(mesh), sharding.batch_sharded(mesh)
-    init = jax.jit(functools.partial(create_state, plan.model, plan.tx, tuple(info.image_shape)),
-                   static_argnums=0, out_shardings=repl)
+    create = functools.partial(create_state, plan.model, plan.tx, tuple(info.image_shape))
+    state_sh = sharding.state_shardings(jax.eval_shape(create, 0), mesh,
+                                        config.get("state_sharding", "replicated"))
+    init = jax.jit(create, static_argnums=0, out_shardings=state_sh)
     train = jax.jit(functools.partial(train_step, model=plan.model, tx=plan.tx,
                                       num_classes=info.num_classes,
                                       label_smoothing=config.optim.get("label_smoothing", 0.0),
                                       mean=tuple(config.data.mean), std=tuple(config.data.std),
                                       mesh=mesh),
-                    in_shardings=(repl, data), out_shardings=(repl, repl), donate_argnums=0)
+                    in_shardings=(state_sh, data), out_shardings=(state_sh, repl), donate_argnums=0)
     return Steps(init=init, train=train,
                  eval=evaluation.make_eval_fn(plan.model, info.num_classes, mesh, config.data),
-                 masks=evaluation.make_masks_fn(plan.model, mesh))
+                 masks=evaluation.make_masks_fn(plan.model, mesh,
+                                                state_sh.variables()),
+                 state_sharding=state_sh)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -298,7 +304,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devic
     num_processes = sharding.process_count(mesh)
 
     state = steps.init(config.seed)
-    frozen_hash_init = ckpt_lib.tree_hash(state.frozen)
+    frozen_hash_init = ckpt_lib.tree_hash(sharding.replicate(state.frozen, mesh))
 
     epath.Path(workdir).mkdir(parents=True, exist_ok=True)
     meta = ckpt_lib.RunMeta(model=config.model.to_dict(), seed=config.seed,
@@ -324,7 +330,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devic
                             "step %d on differ from the original run's", int(state.step),
                             saved.process_count if saved.process_count is not None
                             else "an unknown number of", num_processes, int(state.step))
-    if ckpt_lib.tree_hash(state.frozen) != frozen_hash_init:
+    if ckpt_lib.tree_hash(sharding.replicate(state.frozen, mesh)) != frozen_hash_init:
         raise ckpt_lib.CheckpointError("the checkpoint's frozen weights differ from this seed's")
     logging.info("Frozen weights sha256 %s", frozen_hash_init)
     history = meta.history  # appended to as the run goes; saved with every checkpoint
@@ -406,6 +412,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devic
         checkpointer.close()
         writer.close()
 
+    state = sharding.replicate(state, mesh)  # read on the host below, on every process
     if ckpt_lib.tree_hash(state.frozen) != frozen_hash_init:
         raise RuntimeError("frozen weights changed during training: this is a bug")
     rows = check_kept_counts(state, plan.model)

@@ -4,8 +4,8 @@
 
 Joins the job (gloo CPU collectives), trains the embedded default config for a few steps with
 train.train_and_evaluate and writes this process's results (train history, eval, hashes) to out.json.
-The parent sets XLA_FLAGS (devices per process), the step count and, to stop early as a
-preemption would, MULTIHOST_STOP_AFTER via the environment.
+The parent sets XLA_FLAGS (devices per process), the step count, MULTIHOST_STATE_SHARDING and,
+to stop early as a preemption would, MULTIHOST_STOP_AFTER via the environment.
 """
 import json
 import os
@@ -31,6 +31,7 @@ def worker_config():
     c.batch_size = 32
     c.eval_batch_size = 200
     c.optim.learning_rate = 0.01
+    c.state_sharding = os.environ.get("MULTIHOST_STATE_SHARDING", "replicated")
     return c
 
 

@@ -40,9 +40,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_workers(tmp_path, steps=STEPS, stop_after=None, tag=""):
+def launch_workers(tmp_path, steps=STEPS, stop_after=None, tag="", state_sharding="replicated"):
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={DEVICES_PER_PROCESS}",
-           "JAX_PLATFORMS": "cpu", "MULTIHOST_STEPS": str(steps), "TF_CPP_MIN_LOG_LEVEL": "2"}
+           "JAX_PLATFORMS": "cpu", "MULTIHOST_STEPS": str(steps), "TF_CPP_MIN_LOG_LEVEL": "2",
+           "MULTIHOST_STATE_SHARDING": state_sharding}
     if stop_after is not None:
         env["MULTIHOST_STOP_AFTER"] = str(stop_after)
     address = f"127.0.0.1:{free_port()}"
@@ -143,6 +144,30 @@ def test_two_processes_match_one_process_on_the_same_global_batches(tmp_path):
     assert (tmp_path / "workdir" / "results.json").exists()  # written by process 0 only
     saved = json.loads((tmp_path / "workdir" / "results.json").read_text())
     assert saved["num_processes"] == NUM_PROCESSES and saved["eval"]["count"] == 1000
+
+
+def test_fsdp_state_across_two_processes_saves_resumes_and_matches_one_process(tmp_path):
+    """state_sharding="fsdp" over 2 processes x 2 devices: fc0's arrays are split over all 4
+    devices, so no process holds them whole. Stopped at step 3 (a checkpoint written from both
+    processes' shards) and resumed, the run matches one replicated process fed the same batches."""
+    config = worker_config()
+    config.num_train_steps = STEPS
+    procs, outs, logs = launch_workers(tmp_path, stop_after=3, tag="a", state_sharding="fsdp")
+    try:
+        devices = jax.devices()[:NUM_PROCESSES * DEVICES_PER_PROCESS]
+        reference, frozen_sha = single_process_reference_losses(config, devices)
+    finally:
+        wait_workers(procs, logs, tmp_path, tag="a")
+    assert [json.loads(out.read_text())["step"] for out in outs] == [3, 3]
+    procs, outs, logs = launch_workers(tmp_path, tag="b", state_sharding="fsdp")
+    wait_workers(procs, logs, tmp_path, tag="b")
+    results = [json.loads(out.read_text()) for out in outs]
+    for r in results:
+        assert r["step"] == STEPS and not r["preempted"] and r["data_order_changed"] is None
+        assert r["frozen_sha256"] == frozen_sha and r["eval"]["count"] == 1000
+        assert r["weights_kept"] == 133_100
+    assert results[0]["state_sha256"] == results[1]["state_sha256"]
+    np.testing.assert_allclose([h["loss"] for h in results[0]["train_history"]], reference, rtol=1e-4)
 
 
 def test_resume_across_process_counts_says_the_data_order_changed(tmp_path):

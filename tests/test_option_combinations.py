@@ -85,6 +85,7 @@ FIXED = {
     "optim.eps": "Adam's", "batch_size": "32", "eval_batch_size": "600: the last batch is padded",
     "num_epochs": "num_train_steps sets the length", "num_train_steps": f"{STEPS}",
     "log_every_steps": "1: every step's loss is checked", "keep_checkpoints": "any >= 1",
+    "state_sharding": "one device here: fsdp vs replicated on 4 devices is in test_sharding.py",
 }
 TINY = {"fc": {"width": 0.02}, "conv2": {"width": 0.05},
         RESNET: {"width": 0.0625, "stage_sizes": (1,)}}

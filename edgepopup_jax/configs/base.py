@@ -53,6 +53,7 @@ def get_base() -> ml_collections.ConfigDict:
     c.optim.label_smoothing = 0.0
 
     c.batch_size = 128  # global, over all devices and processes
+    c.state_sharding = "replicated"  # replicated | fsdp: large arrays of the train state split over the devices
     c.eval_batch_size = 500
     c.num_epochs = 100.0  # float: fractions of an epoch are fine
     c.num_train_steps = -1  # > 0 overrides num_epochs
