@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import re
 import sys
 from typing import Any
 
@@ -67,39 +66,12 @@ def strip_prefix(state_dict: dict) -> dict:
 
 
 def _layer_map(arch: str, prefixes: list[str]) -> dict[str, tuple[str, ...]]:
-    """Reference module prefix -> our layer path."""
-    mapping: dict[str, tuple[str, ...]] = {}
+    """Reference module prefix -> our layer path (the maps live beside the models they name)."""
+    from edgepopup_jax.models import conv, resnet
+
     if arch in ("FC",) or arch.startswith("Conv"):
-        convs = sorted((p for p in prefixes if re.fullmatch(r"convs\.\d+", p)), key=lambda p: int(p.split(".")[1]))
-        linears = sorted((p for p in prefixes if re.fullmatch(r"linear\.\d+", p)), key=lambda p: int(p.split(".")[1]))
-        if not linears:
-            raise ValueError(f"{arch}: the state dict has no linear.* layers")
-        for i, p in enumerate(convs):
-            mapping[p] = (f"conv{i}",)
-        for i, p in enumerate(linears[:-1]):
-            mapping[p] = (f"fc{i}",)
-        mapping[linears[-1]] = ("head",)
-        return mapping
-    for p in prefixes:
-        if p == "conv1":
-            mapping[p] = ("stem_conv",)
-        elif p == "bn1":
-            mapping[p] = ("stem_bn",)
-        elif p == "fc":
-            mapping[p] = ("head",)
-        else:
-            m = re.fullmatch(r"layer(\d+)\.(\d+)\.(conv|bn)(\d+)", p)
-            if m:
-                block = f"stage{int(m[1]) - 1}_block{m[2]}"
-                mapping[p] = (block, f"{m[3]}{int(m[4]) - 1}")
-                continue
-            m = re.fullmatch(r"layer(\d+)\.(\d+)\.(downsample|shortcut)\.([01])", p)
-            if m:
-                block = f"stage{int(m[1]) - 1}_block{m[2]}"
-                mapping[p] = (block, "shortcut_conv" if m[4] == "0" else "shortcut_bn")
-                continue
-            raise ValueError(f"{arch}: unexpected module {p!r} in the state dict")
-    return mapping
+        return conv.reference_layer_paths(arch, prefixes)
+    return {p: resnet.reference_layer_path(arch, p) for p in prefixes}
 
 
 def _guess_weight_init(kernels: list[np.ndarray]) -> str:

@@ -1,6 +1,7 @@
 """The paper's CIFAR-10 models: FC (LeNet-300-100) and Conv2/4/6/8 (VGG-like), all layers masked."""
 from __future__ import annotations
 
+import re
 from typing import Sequence
 
 import flax.linen as nn
@@ -8,6 +9,22 @@ import jax.numpy as jnp
 
 from edgepopup_jax.layers import SubnetConv, SubnetDense
 from edgepopup_jax.models.base import MaskedModel
+
+
+def reference_layer_paths(arch: str, prefixes: list[str]) -> dict[str, tuple[str, ...]]:
+    """The PyTorch reference's module names for FC/ConvN (`convs.N`, `linear.N`, numbered
+    with gaps for its ReLUs and pools) -> this module's layer paths (conv0.., fc0.., head), for
+    importing its checkpoints (interop.hidden_networks)."""
+    def numbered(kind):
+        found = (p for p in prefixes if re.fullmatch(kind + r"\.\d+", p))
+        return sorted(found, key=lambda p: int(p.split(".")[1]))
+
+    convs, linears = numbered("convs"), numbered("linear")
+    if not linears:
+        raise ValueError(f"{arch}: the state dict has no linear.* layers")
+    return {**{p: (f"conv{i}",) for i, p in enumerate(convs)},
+            **{p: (f"fc{i}",) for i, p in enumerate(linears[:-1])},
+            linears[-1]: ("head",)}
 
 
 def _width(features: int, multiplier: float) -> int:

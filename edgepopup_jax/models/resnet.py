@@ -1,6 +1,7 @@
 """ResNets with every conv masked: CIFAR ResNet-18 and ImageNet ResNet-18..152 / Wide ResNets (v1.5)."""
 from __future__ import annotations
 
+import re
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -10,6 +11,26 @@ from edgepopup_jax.layers import NonAffineBatchNorm, SubnetConv, SubnetDense
 from edgepopup_jax.models.base import MaskedModel
 
 BN_RUNNING_VARS = ("unbiased", "biased")
+_REFERENCE_STEM_AND_HEAD = {"conv1": ("stem_conv",), "bn1": ("stem_bn",), "fc": ("head",)}
+
+
+def block_name(stage: int, block: int) -> str:
+    return f"stage{stage}_block{block}"
+
+
+def reference_layer_path(arch: str, prefix: str) -> tuple[str, ...]:
+    """A PyTorch reference (torchvision-style) module name -> this module's layer path, for
+    importing its checkpoints (interop.hidden_networks): layer{s}.{b}.conv{k} ->
+    (stage{s-1}_block{b}, conv{k-1}), its downsample/shortcut .0/.1 -> shortcut_conv/_bn."""
+    if prefix in _REFERENCE_STEM_AND_HEAD:
+        return _REFERENCE_STEM_AND_HEAD[prefix]
+    m = re.fullmatch(r"layer(\d+)\.(\d+)\.(conv|bn)(\d+)", prefix)
+    if m:
+        return block_name(int(m[1]) - 1, int(m[2])), f"{m[3]}{int(m[4]) - 1}"
+    m = re.fullmatch(r"layer(\d+)\.(\d+)\.(downsample|shortcut)\.([01])", prefix)
+    if m:
+        return block_name(int(m[1]) - 1, int(m[2])), "shortcut_conv" if m[4] == "0" else "shortcut_bn"
+    raise ValueError(f"{arch}: unexpected module {prefix!r} in the state dict")
 
 
 class _Block(nn.Module):
@@ -109,7 +130,7 @@ class ResNet(MaskedModel):
             for j in range(size):
                 x = block_cls(filters=filters, strides=2 if i > 0 and j == 0 else 1,
                               inner_width=filters * self.width_multiplier, conv=conv,
-                              norm=lambda name: norm(name), name=f"stage{i}_block{j}")(x, train)
+                              norm=lambda name: norm(name), name=block_name(i, j))(x, train)
         x = jnp.mean(x, axis=(1, 2))
         x = SubnetDense(self.num_classes, name="head", **self.layer_options("last"))(x, train)
         return x.astype(jnp.float32)
