@@ -291,7 +291,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devic
     """
     # Everything that can be wrong with the config fails here, before anything is written.
     info = input_pipeline.get_info(config.data)
-    plan = make_plan(config, info)  # here, so a bad config fails before the mesh is built
+    make_plan(config, info)  # checks the config here, so a bad one fails before the mesh is built
     mesh = sharding.make_mesh(devices)
     local_batch = sharding.local_batch_size(config.batch_size, mesh)
     _, eval_global = sharding.eval_batch_sizes(

@@ -45,6 +45,7 @@ LONG_FIRST = (
     "test_export_evaluate.py::",
     "test_preflight.py::test_conv4_compiles",
     "test_sweep.py::test_sweep_stops_resumes_skips_and_tabulates",
+    "test_sharding.py::test_fsdp_state_is_split",
     "test_interop.py::test_cresnet18_import_matches_reference",
 )
 
