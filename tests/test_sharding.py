@@ -82,6 +82,12 @@ def test_fsdp_state_is_split_and_trains_resumes_and_evaluates_as_the_replicated_
         assert a["step"] == b["step"] and a["count"] == b["count"] == 1000
         assert abs(a["top1"] - b["top1"]) <= 0.002 and abs(a["loss"] - b["loss"]) < 1e-4
     assert resumed["weights_kept"] == replicated["weights_kept"] == 133_100
+    # A replicated run's checkpoint resumes with the state split (and is the same run).
+    train.train_and_evaluate(_config(), str(tmp_path / "switched"), devices=devices,
+                             stop_after_steps=3)
+    switched = train.train_and_evaluate(config, str(tmp_path / "switched"), devices=devices)
+    np.testing.assert_allclose([h["loss"] for h in switched["train_history"]],
+                               [h["loss"] for h in replicated["train_history"]], rtol=1e-5)
     # The checkpoint holds the whole state, readable on one device (as export reads it).
     saved, _ = ckpt_lib.Checkpointer(str(tmp_path / "fsdp" / "checkpoints")).restore_raw()
     assert saved["params"]["fc0"]["scores"].shape == (784, 300)
