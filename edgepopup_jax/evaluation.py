@@ -54,7 +54,9 @@ def make_masks_fn(model, mesh, variables_sharding=None):
     jitted over the mesh: what an evaluation computes once before its batches. The variables
     come as variables_sharding says (default: replicated); the result is replicated."""
     return jax.jit(functools.partial(selection.with_masks, model=model, mesh=mesh,
-                                     axis_name=sharding.DATA_AXIS, fold=True),
+                                     axis_name=sharding.DATA_AXIS, fold=True,
+                                     params_sharding=(None if variables_sharding is None
+                                                      else variables_sharding["params"])),
                    in_shardings=(sharding.replicated(mesh) if variables_sharding is None
                                  else (variables_sharding,)),
                    out_shardings=sharding.replicated(mesh))

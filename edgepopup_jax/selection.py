@@ -72,32 +72,49 @@ def _local_share(key, axis_name, num_shards):
     return jax.lax.dynamic_slice_in_dim(padded, jax.lax.axis_index(axis_name) * chunk, chunk)
 
 
-def _thresholds(keys, groups, counts, mesh, axis_name):
+def _thresholds(keys, groups, counts, mesh, axis_name, specs):
+    """keys in their layers' shapes; specs: how each is split over axis_name (None: all
+    replicated). A split key is counted on its own block; a replicated one, every device counts
+    a contiguous 1/N of it, so no key is gathered for counting."""
     if mesh is None or mesh.shape[axis_name] == 1:
-        return _group_thresholds(keys, groups, counts)
+        return _group_thresholds([k.reshape(-1) for k in keys], groups, counts)
     n = mesh.shape[axis_name]
+    replicated = PartitionSpec()
+    specs = tuple(replicated for _ in keys) if specs is None else specs
 
     def sharded(keys):
-        local = [_local_share(k, axis_name, n) for k in keys]
+        local = [k.reshape(-1) if spec != replicated else _local_share(k.reshape(-1), axis_name, n)
+                 for k, spec in zip(keys, specs)]
         return _group_thresholds(local, groups, counts, axis_name)
 
-    replicated = PartitionSpec()
-    return jax.shard_map(sharded, mesh=mesh, in_specs=(replicated,),
+    return jax.shard_map(sharded, mesh=mesh, in_specs=(list(specs),),
                          out_specs=(replicated, replicated, replicated), check_vma=False)(keys)
 
 
-def _masks_from_thresholds(keys, shapes, dtypes, groups, t, room, ties):
-    """Keep keys > t, then the first `room` keys == t of each group in (layer, flat index) order."""
+def _flat_index(shape) -> jax.Array:
+    """Each entry's row-major flat index, in `shape` (built from iotas, so it can be split like
+    the keys without reshaping them)."""
+    index = jnp.zeros(shape, jnp.int32)
+    stride = 1
+    for axis in reversed(range(len(shape))):
+        index = index + jax.lax.broadcasted_iota(jnp.int32, shape, axis) * stride
+        stride *= shape[axis]
+    return index
+
+
+def _masks_from_thresholds(keys, dtypes, groups, t, room, ties):
+    """Keep keys > t, then the first `room` keys == t of each group in (layer, flat index) order.
+    keys in their layers' shapes; the masks come in the same shapes (and splits)."""
     masks = []
     for i, (key, g) in enumerate(zip(keys, groups)):
         before = sum((ties[j] for j in range(i) if groups[j] == g), jnp.int32(0))
         room_here = jnp.clip(room[g] - before, 0, ties[i])  # ties of this layer still to keep
         n = key.size
         cut = jax.lax.cond(room_here == ties[i], lambda: jnp.int32(n),
-                           lambda: jnp.where(room_here == 0, jnp.int32(0),
-                                             masking._tie_cut(key, t[g], jnp.maximum(room_here, 1))))
-        keep = (key > t[g]) | ((key == t[g]) & (jnp.arange(n, dtype=jnp.int32) < cut))
-        masks.append(keep.reshape(shapes[i]).astype(dtypes[i]))
+                           lambda: jnp.where(room_here == 0, jnp.int32(0), masking._tie_cut(
+                               key.reshape(-1), t[g], jnp.maximum(room_here, 1))))
+        keep = (key > t[g]) | ((key == t[g]) & (_flat_index(key.shape) < cut))
+        masks.append(keep.astype(dtypes[i]))
     return masks
 
 
@@ -105,10 +122,12 @@ SELECTION_METHODS = ("batched", "per_layer")
 
 
 def select_masks(scores: list, keep_fraction: float, scope: str = "layer", mesh=None,
-                 axis_name: str = "data", method: str | None = None) -> list:
+                 axis_name: str = "data", method: str | None = None, specs=None) -> list:
     """The 0/1 top-k masks of |scores| for a list of score arrays, all selected together.
 
-    With `mesh`, the counting is split over `axis_name` (call inside jit; scores replicated).
+    With `mesh`, the counting is split over `axis_name` (call inside jit). specs: each score
+    array's PartitionSpec on the mesh when they are split (state_sharding="fsdp"), so each
+    device counts its own block and nothing is gathered; None: all replicated.
     method: None picks per compiled platform: on CPU, layer scope uses each layer's radix select
     (masking.topk_mask_forward: 2-3 histogram passes, cheaper there than 31 counting passes);
     everywhere else, and for the global scope, the batched bisection. "batched" or "per_layer"
@@ -123,7 +142,7 @@ def select_masks(scores: list, keep_fraction: float, scope: str = "layer", mesh=
     if method == "per_layer":
         return [masking.topk_mask_forward(s, keep_fraction) for s in scores]
     batched = functools.partial(_select_batched, keep_fraction=keep_fraction, scope=scope,
-                                mesh=mesh, axis_name=axis_name)
+                                mesh=mesh, axis_name=axis_name, specs=specs)
     if method == "batched" or scope != "layer":
         return batched(scores)
     return jax.lax.platform_dependent(
@@ -131,27 +150,26 @@ def select_masks(scores: list, keep_fraction: float, scope: str = "layer", mesh=
         default=batched)
 
 
-def _select_batched(scores, *, keep_fraction, scope, mesh, axis_name):
+def _select_batched(scores, *, keep_fraction, scope, mesh, axis_name, specs):
     sizes = [s.size for s in scores]
     groups = list(range(len(scores))) if scope == "layer" else [0] * len(scores)
     totals = [sum(n for n, g in zip(sizes, groups) if g == gi) for gi in range(max(groups) + 1)]
     counts = jnp.array([masking.kept_count(n, keep_fraction) for n in totals], jnp.int32)
-    keys = [masking._order_keys(s).reshape(-1) for s in scores]
-    t, room, ties = _thresholds(keys, groups, counts, mesh, axis_name)
-    return _masks_from_thresholds(keys, [s.shape for s in scores], [s.dtype for s in scores],
-                                  groups, t, room, ties)
+    keys = [masking._order_keys(s) for s in scores]
+    t, room, ties = _thresholds(keys, groups, counts, mesh, axis_name, specs)
+    return _masks_from_thresholds(keys, [s.dtype for s in scores], groups, t, room, ties)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
-def _straight_through(abs_scores, keep_fraction, scope, mesh, axis_name):
-    return select_masks(abs_scores, keep_fraction, scope, mesh, axis_name)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4, 5))
+def _straight_through(abs_scores, keep_fraction, scope, mesh, axis_name, specs):
+    return select_masks(abs_scores, keep_fraction, scope, mesh, axis_name, specs=specs)
 
 
-def _st_fwd(abs_scores, keep_fraction, scope, mesh, axis_name):
-    return _straight_through(abs_scores, keep_fraction, scope, mesh, axis_name), None
+def _st_fwd(abs_scores, keep_fraction, scope, mesh, axis_name, specs):
+    return _straight_through(abs_scores, keep_fraction, scope, mesh, axis_name, specs), None
 
 
-def _st_bwd(keep_fraction, scope, mesh, axis_name, _, g):
+def _st_bwd(keep_fraction, scope, mesh, axis_name, specs, _, g):
     return (g,)
 
 
@@ -168,16 +186,21 @@ def masks_by_path(scores: dict, keep_fraction: float, scope: str = "layer", mesh
 
 
 def edge_popup_masks(params, keep_fraction: float, scope: str = "layer", mesh=None,
-                     axis_name: str = "data"):
+                     axis_name: str = "data", params_sharding=None):
     """The `masks` collection for model.apply: every `scores` leaf of params -> its top-k mask,
     all selected together (select_masks; layers in sorted path order), with the straight-through
-    gradient of masking.topk_mask (d mask / d scores = sign(scores))."""
+    gradient of masking.topk_mask (d mask / d scores = sign(scores)). params_sharding: the
+    params' NamedShardings when they are split over the mesh (see select_masks' specs)."""
     flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params))
     paths = sorted(p for p in flat if p[-1] == "scores")
     if not paths:
         return {}
+    specs = None
+    if params_sharding is not None:
+        where = flax.traverse_util.flatten_dict(flax.core.unfreeze(params_sharding))
+        specs = tuple(where[p].spec for p in paths)
     abs_scores = [jnp.abs(flat[p]) for p in paths]
-    masks = _straight_through(abs_scores, keep_fraction, scope, mesh, axis_name)
+    masks = _straight_through(abs_scores, keep_fraction, scope, mesh, axis_name, specs)
     return flax.traverse_util.unflatten_dict(dict(zip(paths, masks)))
 
 
@@ -193,15 +216,17 @@ def fold_into_kernels(frozen, masks):
     return flax.traverse_util.unflatten_dict(folded)
 
 
-def with_masks(variables: dict, model, mesh=None, axis_name: str = "data", fold: bool = False) -> dict:
+def with_masks(variables: dict, model, mesh=None, axis_name: str = "data", fold: bool = False,
+               params_sharding=None) -> dict:
     """variables plus the `masks` collection that model.apply's edge-popup layers use: every
     layer's mask, selected in one pass over all layers (split over the mesh's devices). fold=True
     (for evaluation) stores W * mask instead of the mask, multiplied here once. model: any
-    model with `mask`, `keep_fraction` and `mask_scope` (models.MaskedModel)."""
+    model with `mask`, `keep_fraction` and `mask_scope` (models.MaskedModel). params_sharding:
+    the params' NamedShardings when they are split over the mesh (state_sharding="fsdp")."""
     if model.mask != "edge_popup" or MASKS in variables:
         return variables
     masks = edge_popup_masks(variables["params"], model.keep_fraction, model.mask_scope, mesh,
-                             axis_name)
+                             axis_name, params_sharding)
     if fold:
         masks = fold_into_kernels(variables["frozen"], masks)
     return {**variables, MASKS: masks}

@@ -62,13 +62,13 @@ def create_state(model, tx, image_shape, seed: int) -> TrainState:
 
 
 def train_step(state: TrainState, batch, *, model, tx, num_classes: int, label_smoothing: float,
-               mean, std, mesh=None):
+               mean, std, mesh=None, params_sharding=None):
     rng = jax.random.fold_in(state.rng, state.step)
     images = input_pipeline.normalize(batch["image"], mean, std)
 
     def loss_fn(params):
         variables = selection.with_masks({**state.variables(), "params": params}, model, mesh,
-                                         sharding.DATA_AXIS)
+                                         sharding.DATA_AXIS, params_sharding=params_sharding)
         logits, updates = model.apply(variables, images, train=True,
                                       mutable=["batch_stats"], rngs={masking.SAMPLE_RNG: rng})
         loss = evaluation.cross_entropy(logits, batch["label"], num_classes, label_smoothing).mean()
@@ -211,7 +211,7 @@ def make_steps(config, info: input_pipeline.DatasetInfo, plan: Plan, mesh) -> St
                                       num_classes=info.num_classes,
                                       label_smoothing=config.optim.get("label_smoothing", 0.0),
                                       mean=tuple(config.data.mean), std=tuple(config.data.std),
-                                      mesh=mesh),
+                                      mesh=mesh, params_sharding=state_sh.params),
                     in_shardings=(state_sh, data), out_shardings=(state_sh, repl), donate_argnums=0)
     return Steps(init=init, train=train,
                  eval=evaluation.make_eval_fn(plan.model, info.num_classes, mesh, config.data),
