@@ -137,16 +137,10 @@ def _abstract_batch(info, batch_size: int, mesh, eval: bool = False):
 
 
 def _compile(jitted, *args):
-    # Without the persistent compilation cache: a deviceless executable can be written to it but
-    # not read back (JAX warns "PjRtCompiler must be constructed with a Client" and recompiles).
-    cache = jax.config.jax_enable_compilation_cache
-    jax.config.update("jax_enable_compilation_cache", False)
     try:
         return jitted.lower(*args).compile()
     except Exception as e:  # noqa: BLE001 - e.g. RESOURCE_EXHAUSTED from the TPU compiler
         raise DoesNotCompile(str(e).splitlines()[0][:500]) from e
-    finally:
-        jax.config.update("jax_enable_compilation_cache", cache)
 
 
 def compile_train_step(config, target: targets.Target):
