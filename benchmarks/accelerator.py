@@ -2,6 +2,7 @@
 
     PYTHONPATH=. python benchmarks/accelerator.py [--models conv4,cifar_resnet18,resnet50,wide_resnet50_2]
         [--rounds 20] [--batch_scale 1.0] [--input_images 2000] [--dtype bfloat16]
+        [--state_sharding replicated|fsdp]
 
 For each model, at the paper's global batch (CIFAR nets 128, ImageNet nets 256; --batch_scale
 multiplies it) over all local devices, with the trainer's own jitted step (train.make_steps:
@@ -29,17 +30,18 @@ CIFAR = {"conv4", "cifar_resnet18"}
 INPUT_BATCH = 128
 
 
-def _config(name: str, mode: str, batch: int, dtype: str):
+def _config(name: str, mode: str, batch: int, dtype: str, state_sharding: str):
     from edgepopup_jax.configs import cifar10, imagenet
     c = cifar10.get_config(name) if name in CIFAR else imagenet.get_config(name)
     c.model.mask = mode
     c.model.compute_dtype = dtype
     c.batch_size = batch
+    c.state_sharding = state_sharding
     return c
 
 
-def _runner(name: str, mode: str, batch: int, mesh, dtype: str):
-    c = _config(name, mode, batch, dtype)
+def _runner(name: str, mode: str, batch: int, mesh, dtype: str, state_sharding: str):
+    c = _config(name, mode, batch, dtype, state_sharding)
     size, classes = (32, 10) if name in CIFAR else (224, 1000)
     info = input_pipeline.DatasetInfo(classes, (size, size, 3), batch * 100, 1000)
     plan = train.make_plan(c, info)
@@ -50,7 +52,8 @@ def _runner(name: str, mode: str, batch: int, mesh, dtype: str):
     batch_data = sharding.to_global({
         "image": rng.integers(0, 256, (local, size, size, 3), np.uint8),
         "label": rng.integers(0, classes, local).astype(np.int32)}, mesh)
-    masks = jax.jit(functools.partial(selection.with_masks, model=plan.model, mesh=mesh))
+    masks = jax.jit(functools.partial(selection.with_masks, model=plan.model, mesh=mesh,
+                                      params_sharding=steps.state_sharding.params))
 
     def step():
         t = time.perf_counter()
@@ -66,18 +69,18 @@ def _runner(name: str, mode: str, batch: int, mesh, dtype: str):
     return step, select_masks
 
 
-def bench_steps(models, rounds, batch_scale, dtype):
+def bench_steps(models, rounds, batch_scale, dtype, state_sharding="replicated"):
     mesh = sharding.make_mesh()
-    print(f"devices: {mesh.devices.size} x {jax.devices()[0].device_kind}; {dtype}; "
-          f"median of {rounds} alternating rounds\n")
+    print(f"devices: {mesh.devices.size} x {jax.devices()[0].device_kind}; {dtype}; state "
+          f"{state_sharding}; median of {rounds} alternating rounds\n")
     print("| model | global batch | dense img/s | edge-popup img/s | edge-popup / dense step | "
           "selection share of the edge-popup step |")
     print("|---|---:|---:|---:|---:|---:|")
     for name in models:
         batch = max(mesh.devices.size, int((128 if name in CIFAR else 256) * batch_scale)
                     // mesh.devices.size * mesh.devices.size)
-        dense, _ = _runner(name, "dense", batch, mesh, dtype)
-        popup, select = _runner(name, "edge_popup", batch, mesh, dtype)
+        dense, _ = _runner(name, "dense", batch, mesh, dtype, state_sharding)
+        popup, select = _runner(name, "edge_popup", batch, mesh, dtype, state_sharding)
         for f in (dense, popup, select, dense, popup, select):  # compile, warm up
             f()
         times = {"dense": [], "popup": [], "select": []}
@@ -139,11 +142,13 @@ def main():
     p.add_argument("--batch_scale", type=float, default=1.0)
     p.add_argument("--input_images", type=int, default=2000, help="0 skips the input benchmark")
     p.add_argument("--dtype", default="bfloat16", help="compute dtype (float32 for the CPU table)")
+    p.add_argument("--state_sharding", default="replicated", choices=sharding.STATE_SHARDINGS)
     args = p.parse_args()
     if 0 < args.input_images < 2 * INPUT_BATCH:
         p.error(f"--input_images must be 0 (skip) or >= {2 * INPUT_BATCH} (a warm-up batch and a "
                 f"timed one of {INPUT_BATCH}), got {args.input_images}")
-    bench_steps([m for m in args.models.split(",") if m], args.rounds, args.batch_scale, args.dtype)
+    bench_steps([m for m in args.models.split(",") if m], args.rounds, args.batch_scale, args.dtype,
+                args.state_sharding)
     if args.input_images:
         bench_input(args.input_images)
 

@@ -101,34 +101,33 @@ def test_selection_split_over_8_devices_equals_one_device(scope):
             np.testing.assert_array_equal(np.asarray(split[path]), np.asarray(one[path]))
 
 
-@pytest.mark.parametrize("scope", selection.MASK_SCOPES)
-def test_selection_on_split_scores_counts_each_block_where_it_lives(scope):
+@pytest.mark.parametrize("scope,n", [("layer", 8), ("global", 3)])
+def test_selection_on_split_scores_counts_each_block_where_it_lives(scope, n):
     """state_sharding="fsdp" places scores split over the devices (some split, some whole):
     the masks equal one device's, come out split as the scores are, and no score is gathered
     (the only all-gathers are in the rarely taken branch that breaks ties inside a layer)."""
-    scores = random_scores(model_score_shapes("cifar_resnet18"), "ties", seed=3)
+    scores = random_scores(model_score_shapes("conv4"), "ties", seed=3)
     paths = sorted(scores)
     arrays = [jnp.asarray(scores[p]) for p in paths]
     one = jax.jit(lambda s: selection.select_masks(s, 0.4, scope, method="batched"))(arrays)
-    for n in (8, 3):
-        mesh = sharding.make_mesh(jax.devices()[:n])
-        where = sharding.state_shardings([jax.ShapeDtypeStruct(a.shape, a.dtype) for a in arrays],
-                                         mesh, "fsdp")
-        assert {w.spec for w in where} != {PartitionSpec()}  # some layers are split
-        gathers = {}
-        for specs in (None, tuple(w.spec for w in where)):
-            fn = jax.jit(lambda s, specs=specs: selection.select_masks(
-                s, 0.4, scope, mesh, method="batched", specs=specs), in_shardings=(where,))
-            hlo = fn.lower(arrays).compile().as_text()
-            gathers[specs is None] = [line for line in hlo.splitlines()
-                                      if re.search(r" all-gather(-start)?\(", line)]
-            split = fn(arrays)
-            for a, b in zip(split, one):
-                np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-        assert all(m.sharding.is_equivalent_to(w, m.ndim) for m, w in zip(split, where))
-        assert all("cond/branch" in line for line in gathers[False]), gathers[False][:2]
-        # Without the specs the scores are gathered (replicated) before counting.
-        assert any("cond/branch" not in line for line in gathers[True])
+    mesh = sharding.make_mesh(jax.devices()[:n])
+    where = sharding.state_shardings([jax.ShapeDtypeStruct(a.shape, a.dtype) for a in arrays],
+                                     mesh, "fsdp")
+    assert PartitionSpec() in {w.spec for w in where} != {PartitionSpec()}  # split and whole
+    gathers = {}
+    for specs in (None, tuple(w.spec for w in where)):
+        fn = jax.jit(lambda s, specs=specs: selection.select_masks(
+            s, 0.4, scope, mesh, method="batched", specs=specs), in_shardings=(where,))
+        compiled = fn.lower(arrays).compile()
+        gathers[specs is None] = [line for line in compiled.as_text().splitlines()
+                                  if re.search(r" all-gather(-start)?\(", line)]
+        split = compiled(arrays)
+        for a, b in zip(split, one):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert all(m.sharding.is_equivalent_to(w, m.ndim) for m, w in zip(split, where))
+    assert all("cond/branch" in line for line in gathers[False]), gathers[False][:2]
+    # Without the specs the scores are gathered (replicated) before counting.
+    assert any("cond/branch" not in line for line in gathers[True])
 
 
 def test_accelerator_step_has_one_selection_loop_and_one_all_reduce_per_pass():
