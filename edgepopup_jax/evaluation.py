@@ -66,7 +66,8 @@ def evaluate(variables, eval_fn, config, mesh, masks_fn=None) -> dict:
     """Top-1, top-5 and mean loss over config's whole eval split (every example exactly once).
 
     Args:
-      variables: the model's variables (params, frozen, batch_stats), replicated on the mesh.
+      variables: the model's variables (params, frozen, batch_stats) on the mesh, placed as
+        masks_fn expects (replicated, or the trainer's state_sharding).
       eval_fn: make_eval_fn's function for this model, mesh and data.
       config: the run's config (data, batch_size, eval_batch_size).
       mesh: the device mesh (sharding.make_mesh).

@@ -83,8 +83,10 @@ def _thresholds(keys, groups, counts, mesh, axis_name, specs):
     specs = tuple(replicated for _ in keys) if specs is None else specs
 
     def sharded(keys):
-        local = [k.reshape(-1) if spec != replicated else _local_share(k.reshape(-1), axis_name, n)
-                 for k, spec in zip(keys, specs)]
+        # A spec naming no mesh axis (P(), P(None, None)) is a whole copy on every device:
+        # counting it whole there would count it n times.
+        local = [k.reshape(-1) if any(a is not None for a in spec)
+                 else _local_share(k.reshape(-1), axis_name, n) for k, spec in zip(keys, specs)]
         return _group_thresholds(local, groups, counts, axis_name)
 
     return jax.shard_map(sharded, mesh=mesh, in_specs=(list(specs),),
