@@ -12,6 +12,10 @@ same shardings, donation, batched mask selection):
     in the same rounds);
 and then the ImageNet input pipeline's images/s (train and eval transforms) on a folder of
 generated 500x375 JPEGs. Works on CPU too (small --batch_scale) as a smoke test.
+
+The step tables need only JAX, flax, optax, orbax-checkpoint and ml-collections, not TensorFlow
+(GPU images often lack it): pass --input_images 0 there. benchmarks/device_run.sh is the
+prepared command for a lent GPU.
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ import numpy as np
 from edgepopup_jax import input_pipeline, selection, sharding, train
 
 CIFAR = {"conv4", "cifar_resnet18"}
+MODELS = ("conv4", "cifar_resnet18", "resnet50", "wide_resnet50_2")
 INPUT_BATCH = 128
 
 
@@ -135,20 +140,34 @@ def bench_input(num_images: int, batch: int = INPUT_BATCH):
         print(f"| {label} | {rates[label]:,.0f} | {rates[label] / os.cpu_count():,.0f} |", flush=True)
 
 
+def _tensorflow_installed() -> bool:
+    try:
+        import tensorflow  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", default="conv4,cifar_resnet18,resnet50,wide_resnet50_2")
+    p.add_argument("--models", default=",".join(MODELS))
     p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--batch_scale", type=float, default=1.0)
     p.add_argument("--input_images", type=int, default=2000, help="0 skips the input benchmark")
     p.add_argument("--dtype", default="bfloat16", help="compute dtype (float32 for the CPU table)")
     p.add_argument("--state_sharding", default="replicated", choices=sharding.STATE_SHARDINGS)
     args = p.parse_args()
+    models = [m for m in args.models.split(",") if m]
+    if not models or set(models) - set(MODELS):
+        p.error(f"--models: unknown {sorted(set(models) - set(MODELS)) or 'empty list'}; allowed: "
+                f"{', '.join(MODELS)}")
     if 0 < args.input_images < 2 * INPUT_BATCH:
         p.error(f"--input_images must be 0 (skip) or >= {2 * INPUT_BATCH} (a warm-up batch and a "
                 f"timed one of {INPUT_BATCH}), got {args.input_images}")
-    bench_steps([m for m in args.models.split(",") if m], args.rounds, args.batch_scale, args.dtype,
-                args.state_sharding)
+    if args.input_images and not _tensorflow_installed():
+        p.error("--input_images needs TensorFlow (pip install -e .[train]); pass --input_images 0 "
+                "to time the steps only")
+    bench_steps(models, args.rounds, args.batch_scale, args.dtype, args.state_sharding)
     if args.input_images:
         bench_input(args.input_images)
 

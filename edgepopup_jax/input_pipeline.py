@@ -29,16 +29,26 @@ from typing import Callable, Iterator
 
 import jax
 import numpy as np
-import tensorflow as tf
-import tensorflow_datasets as tfds
+from etils import epy
 
-try:  # TF must never grab accelerator memory that JAX needs.
-    tf.config.set_visible_devices([], "GPU")
-except RuntimeError:  # TF already initialised its devices; nothing we can do here.
-    pass
+
+def _hide_accelerators_from_tf(module_name: str) -> None:
+    """TF must never grab accelerator memory that JAX needs; runs when TF is first imported."""
+    import tensorflow
+    try:
+        tensorflow.config.set_visible_devices([], "GPU")
+    except RuntimeError:  # TF already initialised its devices; nothing we can do here.
+        pass
+
+
+# Imported on first use, so the model, the train step and the benchmarks run where TensorFlow
+# is not installed (a GPU image with only JAX); only the data pipelines need it.
+with epy.lazy_imports(success_callback=_hide_accelerators_from_tf):
+    import tensorflow as tf
+    import tensorflow_datasets as tfds
 
 AUGMENTS = ("none", "cifar", "imagenet")
-_AUTOTUNE = tf.data.AUTOTUNE
+_AUTOTUNE = -1  # tf.data.AUTOTUNE, without importing TensorFlow
 _CROP_PADDING = 4
 _EVAL_CROP_FRACTION = 0.875
 

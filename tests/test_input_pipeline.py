@@ -454,3 +454,27 @@ def test_tfds_files_are_reshuffled_every_epoch_deterministically_and_resumably(t
     # Cached, the files are read once: with the same buffer-1 shuffle every epoch has one order.
     cached = take(ip.train_iterator(make_config(**{**cfg.to_dict(), "cache": True}), batch_size=8, seed=0), 16)
     assert_same_batches(cached[:8], cached[8:])
+
+
+HIDE_GPU_ON_FIRST_USE = """
+import tensorflow
+calls = []
+tensorflow.config.set_visible_devices = lambda devices, kind: calls.append((list(devices), kind))
+from edgepopup_jax import input_pipeline
+assert calls == [], calls  # importing the module does not touch TensorFlow
+input_pipeline.tf.data  # the first use resolves the lazy import
+assert ([], "GPU") in calls, calls
+print("hidden")
+"""
+
+
+def test_tensorflow_is_hidden_from_accelerators_when_first_used():
+    """TF is imported lazily (the train step runs without it); whenever it is first used, it must
+    still be kept off the GPUs, or it grabs the memory JAX needs."""
+    import subprocess
+    import sys
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-c", HIDE_GPU_ON_FIRST_USE], capture_output=True,
+                          text=True, timeout=300, cwd=root)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "hidden" in proc.stdout

@@ -54,3 +54,38 @@ def test_library_works_without_the_trainer_dependencies(tmp_path):
                           env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "library ok" in proc.stdout
+
+
+NO_TENSORFLOW = ("tensorflow", "tensorflow_datasets", "tensorboard")
+ACCELERATOR_BENCHMARK_WITHOUT_TF = """
+import runpy, sys
+for name in {blocked!r}:
+    sys.modules[name] = None
+sys.argv = ["accelerator.py"] + {argv!r}
+runpy.run_path("benchmarks/accelerator.py", run_name="__main__")
+"""
+
+
+def _accelerator_benchmark_without_tensorflow(argv):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = ACCELERATOR_BENCHMARK_WITHOUT_TF.format(blocked=NO_TENSORFLOW, argv=argv)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          cwd=root, env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "",
+                                         "PYTHONPATH": root})
+
+
+def test_trainer_step_runs_without_tensorflow():
+    """GPU images (the lent H100/H200 ones included) hold JAX but no TensorFlow, which is too big to
+    carry there. TF is imported on first use, so the trainer's real step (train.make_steps) and
+    benchmarks/accelerator.py with --input_images 0 run without it."""
+    proc = _accelerator_benchmark_without_tensorflow(
+        ["--models", "conv4", "--batch_scale", "0.0625", "--rounds", "1", "--input_images", "0",
+         "--dtype", "float32"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| conv4 | 8 |" in proc.stdout, proc.stdout
+
+
+def test_input_benchmark_without_tensorflow_is_a_usage_error():
+    proc = _accelerator_benchmark_without_tensorflow(["--input_images", "512"])
+    assert proc.returncode == 2
+    assert "--input_images needs TensorFlow" in proc.stderr and "Traceback" not in proc.stderr
