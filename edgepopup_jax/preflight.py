@@ -19,6 +19,7 @@ import os
 import re
 import sys
 import time
+import warnings
 
 import jax
 import ml_collections
@@ -138,7 +139,13 @@ def _abstract_batch(info, batch_size: int, mesh, eval: bool = False):
 
 def _compile(jitted, *args):
     try:
-        return jitted.lower(*args).compile()
+        with warnings.catch_warnings():
+            # With a persistent compilation cache (JAX_COMPILATION_CACHE_DIR), JAX stores a
+            # deviceless executable, and a later deviceless compile of the same program finds it
+            # but cannot load it ("PjRtCompiler must be constructed with a Client"), warns, and
+            # compiles again, which is all preflight needs. Only that warning is silenced.
+            warnings.filterwarnings("ignore", message="Error reading persistent compilation cache")
+            return jitted.lower(*args).compile()
     except Exception as e:  # noqa: BLE001 - e.g. RESOURCE_EXHAUSTED from the TPU compiler
         raise DoesNotCompile(str(e).splitlines()[0][:500]) from e
 
