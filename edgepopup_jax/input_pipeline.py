@@ -43,7 +43,9 @@ def _hide_accelerators_from_tf(module_name: str) -> None:
 
 # Imported on first use, so the model, the train step and the benchmarks run where TensorFlow
 # is not installed (a GPU image with only JAX); only the data pipelines need it.
-with epy.lazy_imports(success_callback=_hide_accelerators_from_tf):
+with epy.lazy_imports(success_callback=_hide_accelerators_from_tf,
+                      error_callback="The input pipelines need the trainer's extra: "
+                                     "pip install 'edgepopup_jax[train]'"):
     import tensorflow as tf
     import tensorflow_datasets as tfds
 
