@@ -468,6 +468,10 @@ print("hidden")
 """
 
 
+def test_autotune_constant_is_tf_data_autotune():  # written out so TF is not imported for it
+    assert ip._AUTOTUNE == tf.data.AUTOTUNE
+
+
 def test_tensorflow_is_hidden_from_accelerators_when_first_used():
     """TF is imported lazily (the train step runs without it); whenever it is first used, it must
     still be kept off the GPUs, or it grabs the memory JAX needs."""
