@@ -36,17 +36,18 @@ def pytest_unconfigure(config):
 # at the end while the other still runs one of them. Only the order changes: a name that stops
 # matching merely loses its place. The @pytest.mark.slow ones lead their group.
 LONG_FIRST = (
+    "test_multihost.py::",
     "test_configs.py::test_config_trains_one_step[imagenet",
     "test_configs.py::test_config_trains_one_step[cifar10_resnet18",
     "test_configs.py::test_config_trains_one_step",
     "test_train.py::test_any_device_count_trains_evaluates_checkpoints_and_resumes",
-    "test_multihost.py::",
     "test_notebooks.py::",
     "test_export_evaluate.py::",
     "test_preflight.py::test_conv4_compiles",
     "test_sweep.py::test_sweep_stops_resumes_skips_and_tabulates",
     "test_sharding.py::test_fsdp_state_is_split",
     "test_interop.py::test_cresnet18_import_matches_reference",
+    "test_packaging.py::test_trainer_step_runs_without_tensorflow",
 )
 
 
