@@ -204,10 +204,10 @@ def test_sigterm_saves_a_restorable_checkpoint_and_exits_cleanly(tmp_path):
     ({"model.name": "cifar_resnet18", "model.width": 0.125, "model.stage_sizes": [1, 1]}, (1, 6)),
 ])
 def test_any_device_count_trains_evaluates_checkpoints_and_resumes(tmp_path, model, device_counts):
-    """1, 6 and 8 devices with the shipped eval batch (500, which 6 and 8 do not divide): every
-    one of the 1,000 eval examples is counted once, a stopped run resumes to the end, and the
-    device counts give the same losses (the first step to 1e-6; later ones to 1e-4, since float
-    reassociation can flip a near-threshold mask entry) and frozen weights."""
+    """1, 6 and 8 devices (the ResNet: 1 and 6) with the shipped eval batch (500, which 6 and 8
+    do not divide): every one of the 1,000 eval examples is counted once, a stopped run resumes
+    to the end, and the device counts give the same losses (the first step to 1e-6; later ones
+    to 1e-4, since float reassociation can flip a near-threshold mask entry) and frozen weights."""
     c = small_config(**{"num_train_steps": 4, "batch_size": 48, "eval_batch_size": 500,
                         "eval_every_steps": 2, "checkpoint_every_steps": 2,
                         "optim.learning_rate": 0.01, **model})
