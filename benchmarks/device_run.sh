@@ -25,8 +25,9 @@ if compgen -G ".whl/*.whl" > /dev/null; then
     export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 fi
 export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1
-python3 -c "import ml_collections" 2> /dev/null || {
-    echo "ml_collections is missing: carry it as a wheel in .whl (see the top of this script)"; exit 1; }
+python3 -c "import ml_collections" || {
+    echo "cannot import ml_collections: carry it as a wheel in .whl (see the top of this script)"
+    exit 1; }
 
 {
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
