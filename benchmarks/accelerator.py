@@ -10,6 +10,9 @@ same shardings, donation, batched mask selection):
   * images/s of the dense baseline and of edge-popup, alternating step by step in one run;
   * the mask selection's share of the edge-popup step (selection.with_masks alone, jitted, timed
     in the same rounds);
+  * the same two for edge-popup with the 31-pass batched bisection that the 8-pass search
+    replaced (selection.ACCELERATOR_CANDIDATES = 1), old vs new in the same rounds (on a CPU
+    both run the per-layer radix select);
 and then the ImageNet input pipeline's images/s (train and eval transforms) on a folder of
 generated 500x375 JPEGs. Works on CPU too (small --batch_scale) as a smoke test.
 
@@ -20,6 +23,7 @@ prepared command for a lent GPU.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import os
 import tempfile
@@ -74,28 +78,48 @@ def _runner(name: str, mode: str, batch: int, mesh, dtype: str, state_sharding: 
     return step, select_masks
 
 
+@contextlib.contextmanager
+def _bisection():
+    """Trace with the 31-pass batched bisection that the 8-pass search replaced (old vs new)."""
+    original = selection.ACCELERATOR_CANDIDATES
+    selection.ACCELERATOR_CANDIDATES = 1
+    try:
+        yield
+    finally:
+        selection.ACCELERATOR_CANDIDATES = original
+
+
 def bench_steps(models, rounds, batch_scale, dtype, state_sharding="replicated"):
     mesh = sharding.make_mesh()
     print(f"devices: {mesh.devices.size} x {jax.devices()[0].device_kind}; {dtype}; state "
-          f"{state_sharding}; median of {rounds} alternating rounds\n")
+          f"{state_sharding}; median of {rounds} alternating rounds; edge-popup's selection: "
+          f"the search ({selection.ACCELERATOR_CANDIDATES} candidates per pass, now) and the "
+          f"bisection (before)\n")
     print("| model | global batch | dense img/s | edge-popup img/s | edge-popup / dense step | "
-          "selection share of the edge-popup step |")
-    print("|---|---:|---:|---:|---:|---:|")
+          "selection share of the edge-popup step | with the bisection: edge-popup / dense | "
+          "bisection share |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for name in models:
         batch = max(mesh.devices.size, int((128 if name in CIFAR else 256) * batch_scale)
                     // mesh.devices.size * mesh.devices.size)
-        dense, _ = _runner(name, "dense", batch, mesh, dtype, state_sharding)
-        popup, select = _runner(name, "edge_popup", batch, mesh, dtype, state_sharding)
-        for f in (dense, popup, select, dense, popup, select):  # compile, warm up
+        run = {"dense": _runner(name, "dense", batch, mesh, dtype, state_sharding)[0]}
+        run["popup"], run["select"] = _runner(name, "edge_popup", batch, mesh, dtype, state_sharding)
+        before = _runner(name, "edge_popup", batch, mesh, dtype, state_sharding)
+        with _bisection():  # the first call traces and compiles; later calls reuse it
+            for f in before:
+                f()
+        run["popup_before"], run["select_before"] = before
+        for f in list(run.values()) * 2:  # compile, warm up
             f()
-        times = {"dense": [], "popup": [], "select": []}
+        times = {k: [] for k in run}
         for _ in range(rounds):
-            times["dense"].append(dense())
-            times["popup"].append(popup())
-            times["select"].append(select())
+            for k, f in run.items():
+                times[k].append(f())
         med = {k: float(np.median(v)) for k, v in times.items()}
         print(f"| {name} | {batch} | {batch / med['dense']:,.0f} | {batch / med['popup']:,.0f} | "
-              f"{med['popup'] / med['dense']:.3f} | {med['select'] / med['popup']:.1%} |", flush=True)
+              f"{med['popup'] / med['dense']:.3f} | {med['select'] / med['popup']:.1%} | "
+              f"{med['popup_before'] / med['dense']:.3f} | "
+              f"{med['select_before'] / med['popup_before']:.1%} |", flush=True)
 
 
 def bench_input(num_images: int, batch: int = INPUT_BATCH):

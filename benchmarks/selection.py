@@ -4,14 +4,16 @@
     PYTHONPATH=. python benchmarks/selection.py compiled [--targets gpu:h100:8,tpu:v5e:2x4]
 
 `time` (CPU, 1 device): one selection of every layer's mask, jitted, median of --reps, the
-variants alternating: "per-layer bisect" is what an accelerator ran before (one 31-pass loop per
-layer), "batched bisect" what it runs now (one 31-pass loop for all layers), "per-layer radix"
-what the CPU runs (before and now).
+variants alternating: "per-layer bisect" is what an accelerator ran first (one 31-pass loop per
+layer), "batched search" what it runs now (one loop of 8 passes for all layers, 15 candidate
+thresholds per layer per pass), "batched bisect" the same loop with 1 candidate (31 passes: what
+accelerators ran before, and the CPU's global scope), "per-layer radix" what the CPU runs.
 
-`compiled` (needs the [preflight] extra): the trainer's real train step compiled for a target,
-old (each layer selects its own mask) vs new (selection.with_masks: one selection, split over the
-data axis). Counts the while loops and their trip counts (dependent passes) in the compiled
-program, the collectives, and the bytes the counting passes read per device.
+`compiled` (needs the [preflight] extra): the trainer's real train step compiled for a target:
+first (each layer selects its own mask), before (selection.with_masks: one batched bisection,
+split over the data axis) and now (the same, 15 candidates per pass). Counts the while loops and
+their trip counts (dependent passes) in the compiled program, the collectives, and the bytes the
+counting passes read per device.
 """
 from __future__ import annotations
 
@@ -28,7 +30,8 @@ from edgepopup_jax import masking, selection
 from edgepopup_jax.models import get_model
 
 KEEP = 0.3
-PASSES = 31 + 2  # bisection, then the > t and == t counts
+PER_LAYER_PASSES = 31 + 2  # masking's bisection, then the > t and == t counts
+BATCHED_PASSES = selection.passes(selection.ACCELERATOR_CANDIDATES) + 2
 
 
 def score_shapes(name):
@@ -41,11 +44,12 @@ def score_shapes(name):
 def time_selection(models, reps):
     variants = {
         "per-layer bisect": lambda s: [masking._topk_mask_forward(x, KEEP, "bisect") for x in s],
-        "batched bisect": lambda s: selection.select_masks(s, KEEP, method="batched"),
+        "batched search": lambda s: selection.select_masks(s, KEEP, method="batched"),
+        "batched bisect": lambda s: selection.select_masks(s, KEEP, method="batched", candidates=1),
         "per-layer radix": lambda s: [masking._topk_mask_forward(x, KEEP, "radix") for x in s],
     }
     print("| model | layers | scores | " + " | ".join(f"{v} s" for v in variants)
-          + " | per-layer / batched bisect |")
+          + " | per-layer bisect / batched search |")
     print("|---" * (4 + len(variants)) + "|")
     for name in models:
         shapes = score_shapes(name)
@@ -65,7 +69,7 @@ def time_selection(models, reps):
         med = {v: float(np.median(t)) for v, t in times.items()}
         print(f"| {name} | {len(shapes)} | {sum(int(np.prod(s)) for s in shapes):,} | "
               + " | ".join(f"{med[v]:.3f}" for v in variants)
-              + f" | {med['per-layer bisect'] / med['batched bisect']:.2f}x |", flush=True)
+              + f" | {med['per-layer bisect'] / med['batched search']:.2f}x |", flush=True)
 
 
 @contextlib.contextmanager
@@ -96,6 +100,24 @@ def loop_stats(hlo: str):
     return len(loops), sum(_trip_count(line, hlo) for line in loops)
 
 
+@contextlib.contextmanager
+def accelerator_candidates(n):
+    """The batched search with n candidates per pass (1: the 31-pass bisection it replaced)."""
+    original = selection.ACCELERATOR_CANDIDATES
+    selection.ACCELERATOR_CANDIDATES = n
+    try:
+        yield
+    finally:
+        selection.ACCELERATOR_CANDIDATES = original
+
+
+VARIANTS = {  # label: (context, counting passes incl. the > t and == t counts, split over devices)
+    "per-layer bisect (first)": (per_layer_selection, PER_LAYER_PASSES, False),
+    "batched bisect (before)": (lambda: accelerator_candidates(1), selection.passes(1) + 2, True),
+    "batched search (now)": (contextlib.nullcontext, BATCHED_PASSES, True),
+}
+
+
 def compiled(models, target_specs):
     from edgepopup_jax.configs import imagenet
     from edgepopup_jax import preflight, targets
@@ -107,15 +129,13 @@ def compiled(models, target_specs):
         config = imagenet.get_config(name)
         for spec in target_specs:
             target = targets.parse_target(spec)
-            for label in ("per-layer (old)", "batched (new)"):
+            for label, (context, passes, split) in VARIANTS.items():
                 t = time.time()
-                ctx = per_layer_selection() if label.startswith("per-layer") else contextlib.nullcontext()
-                with ctx:
+                with context():
                     hlo = preflight.compile_train_step(config, target).as_text()
                 loops, trips = loop_stats(hlo)
                 reduce = preflight.collectives(hlo).get("all-reduce", {"count": 0, "bytes": 0})
-                share = n_scores if label.startswith("per-layer") else -(-n_scores // target.num_devices)
-                reads = PASSES * share * 4
+                reads = passes * (-(-n_scores // target.num_devices) if split else n_scores) * 4
                 print(f"| {name} | {spec} | {label} | {loops} | {trips} | {reduce['count']} "
                       f"({reduce['bytes'] / 2**20:.1f}) | {reads / 1e9:.2f} GB | {time.time() - t:.0f} |",
                       flush=True)

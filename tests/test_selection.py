@@ -1,5 +1,6 @@
 """The batched mask selection (selection.py): exact against a sort for every model's layers,
 ties and bf16 included; the global scope; split over 8 devices; one loop on accelerators."""
+import functools
 import pathlib
 import re
 import sys
@@ -131,9 +132,9 @@ def test_selection_on_split_scores_counts_each_block_where_it_lives(scope, n):
 
 
 def test_accelerator_step_has_one_selection_loop_and_one_all_reduce_per_pass():
-    """Lowered for a GPU: one while loop for all 7 masked layers of conv4 (31 passes) over each
-    device's 1/8 of every layer, with one all-reduce of the 7 per-layer counts per pass (plus two
-    after the loop); on CPU, the per-layer radix select (no loop)."""
+    """Lowered for a GPU: one while loop for all 7 masked layers of conv4 (8 passes) over each
+    device's 1/8 of every layer, with one all-reduce of the 7 x 15 per-layer counts per pass
+    (plus two after the loop); on CPU, the per-layer radix select (no loop)."""
     params = flax.traverse_util.unflatten_dict(random_scores(model_score_shapes("conv4"), "normal"))
     mesh = sharding.make_mesh(jax.devices()[:8])
     fn = jax.jit(lambda p: selection.edge_popup_masks(p, 0.5, "layer", mesh),
@@ -143,6 +144,7 @@ def test_accelerator_step_has_one_selection_loop_and_one_all_reduce_per_pass():
     loop = gpu[gpu.index("stablehlo.while"):].splitlines()[0]
     assert "tensor<7xi32>" in loop and "tensor<216xi32>" in loop  # conv0: 1,728 scores / 8
     assert gpu.count('"stablehlo.all_reduce"') == 3
+    assert f"tensor<7x{selection.ACCELERATOR_CANDIDATES}xi32>" in gpu  # 15 counts per layer
     cpu = fn.trace(params).lower(lowering_platforms=("cpu",)).as_text()
     assert "\"stablehlo.all_reduce\"" not in cpu and "scatter" in cpu
 
@@ -207,3 +209,33 @@ def test_evaluation_folds_the_masks_into_the_kernels_once():
     # The folded program multiplies no kernel by a mask: no selection, no scores read.
     hlo = apply.lower(folded, x).as_text()
     assert "stablehlo.while" not in hlo and "scatter" not in hlo
+
+
+@pytest.mark.parametrize("candidates", [1, 3, 15])
+def test_search_is_exact_at_the_ends_of_the_key_range(candidates):
+    """The search narrows [0, 2**31 - 1] to one key value in selection.passes(candidates) passes
+    (31 bisecting on CPU, 8 with the accelerators' 15): exact for keys at the top (inf, the
+    largest float), at the bottom (zeros, -0.0), for one value repeated, for exponents across 60
+    orders of magnitude, and for keeping 1 or all."""
+    rng = np.random.default_rng(0)
+    wide = rng.standard_normal(5000) * 10.0 ** rng.integers(-30, 30, 5000)
+    layers = {
+        "extremes": [np.inf, -np.inf, np.finfo(np.float32).max, 0.0, -0.0, 3.0, -3.0, 1e-30],
+        "all_equal": np.full(100, 0.5), "zeros": np.zeros(50), "wide": wide}
+    scores = [jnp.asarray(np.asarray(v, np.float32)) for v in layers.values()]
+    flat = np.concatenate([np.asarray(s) for s in scores])
+    assert [selection.passes(c) for c in (1, 3, 15)] == [31, 16, 8]
+    select = jax.jit(functools.partial(selection.select_masks, method="batched", candidates=candidates),
+                     static_argnames=("keep_fraction", "scope"))
+    for k in (1e-4, 0.1, 0.5, 0.999, 1.0):
+        for s, m in zip(scores, select(scores, keep_fraction=k, scope="layer")):
+            np.testing.assert_array_equal(np.asarray(m, bool), sort_reference(s, k))
+        whole = np.concatenate([np.asarray(m, bool) for m in select(scores, keep_fraction=k, scope="global")])
+        np.testing.assert_array_equal(whole, sort_reference(flat, k))
+
+
+def test_candidates_must_split_into_whole_bits():
+    with pytest.raises(ValueError, match="2\\*\\*b - 1"):
+        selection.select_masks([jnp.ones(4)], 0.5, method="batched", candidates=4)
+    with pytest.raises(ValueError, match="method='batched'"):
+        selection.select_masks([jnp.ones(4)], 0.5, candidates=15)
