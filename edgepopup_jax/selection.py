@@ -74,7 +74,7 @@ def _group_thresholds(keys, groups, counts, candidates, axis_name=None):
 
     def body(_, lo_hi):
         lo, hi = lo_hi  # per group: #(keys >= lo) >= count > #(keys >= hi), so lo < hi
-        step = (hi - lo - 1) // (candidates + 1) + 1  # ceil((hi - lo) / 16), without overflow
+        step = (hi - lo - 1) // (candidates + 1) + 1  # ceil((hi - lo) / (candidates + 1)), no overflow
         offsets = jnp.arange(1, candidates + 1, dtype=jnp.int32)
         values = lo[:, None] + jnp.minimum(offsets * step[:, None], (hi - lo)[:, None])
         enough = per_group(layer_counts(jnp.greater_equal, values)) >= counts[:, None]
