@@ -23,7 +23,6 @@ prepared command for a lent GPU.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import os
 import tempfile
@@ -78,17 +77,6 @@ def _runner(name: str, mode: str, batch: int, mesh, dtype: str, state_sharding: 
     return step, select_masks
 
 
-@contextlib.contextmanager
-def _bisection():
-    """Trace with the 31-pass batched bisection that the 8-pass search replaced (old vs new)."""
-    original = selection.ACCELERATOR_CANDIDATES
-    selection.ACCELERATOR_CANDIDATES = 1
-    try:
-        yield
-    finally:
-        selection.ACCELERATOR_CANDIDATES = original
-
-
 def bench_steps(models, rounds, batch_scale, dtype, state_sharding="replicated"):
     mesh = sharding.make_mesh()
     print(f"devices: {mesh.devices.size} x {jax.devices()[0].device_kind}; {dtype}; state "
@@ -105,7 +93,9 @@ def bench_steps(models, rounds, batch_scale, dtype, state_sharding="replicated")
         run = {"dense": _runner(name, "dense", batch, mesh, dtype, state_sharding)[0]}
         run["popup"], run["select"] = _runner(name, "edge_popup", batch, mesh, dtype, state_sharding)
         before = _runner(name, "edge_popup", batch, mesh, dtype, state_sharding)
-        with _bisection():  # the first call traces and compiles; later calls reuse it
+        # The 31-pass bisection the search replaced: the first call traces and compiles with
+        # it, later calls reuse that.
+        with selection.accelerator_candidates(1):
             for f in before:
                 f()
         run["popup_before"], run["select_before"] = before

@@ -100,20 +100,9 @@ def loop_stats(hlo: str):
     return len(loops), sum(_trip_count(line, hlo) for line in loops)
 
 
-@contextlib.contextmanager
-def accelerator_candidates(n):
-    """The batched search with n candidates per pass (1: the 31-pass bisection it replaced)."""
-    original = selection.ACCELERATOR_CANDIDATES
-    selection.ACCELERATOR_CANDIDATES = n
-    try:
-        yield
-    finally:
-        selection.ACCELERATOR_CANDIDATES = original
-
-
 VARIANTS = {  # label: (context, counting passes incl. the > t and == t counts, split over devices)
     "per-layer bisect (first)": (per_layer_selection, PER_LAYER_PASSES, False),
-    "batched bisect (before)": (lambda: accelerator_candidates(1), selection.passes(1) + 2, True),
+    "batched bisect (before)": (lambda: selection.accelerator_candidates(1), selection.passes(1) + 2, True),
     "batched search (now)": (contextlib.nullcontext, BATCHED_PASSES, True),
 }
 

@@ -17,6 +17,7 @@ The masks equal masking.topk_mask_reference (a sort) exactly, ties included.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import flax
@@ -35,6 +36,19 @@ MASKS = "masks"  # the variable collection the layers read their precomputed mas
 # 3x slower on this CPU); GPUs and TPUs have compute to spare and pay per pass.
 ACCELERATOR_CANDIDATES = 15
 CPU_CANDIDATES = 1
+
+
+@contextlib.contextmanager
+def accelerator_candidates(n: int):
+    """Within the block, GPU/TPU selections are traced with n candidates per pass (1: the 31-pass
+    bisection the search replaced): for old-vs-new benchmarks. Takes effect at trace time."""
+    global ACCELERATOR_CANDIDATES
+    passes(n)  # checks n
+    original, ACCELERATOR_CANDIDATES = ACCELERATOR_CANDIDATES, n
+    try:
+        yield
+    finally:
+        ACCELERATOR_CANDIDATES = original
 
 
 def passes(candidates: int) -> int:
@@ -65,12 +79,11 @@ def _group_thresholds(keys, groups, counts, candidates, axis_name=None):
                           for gi in range(num_groups)])
 
     def layer_counts(compare, t):
-        """Per layer, #(compare(key, t[group])); t[g] may be a vector of thresholds: then one
-        count per threshold, from one read of the keys."""
-        c = jnp.stack([jnp.sum(compare(k[:, None], jnp.atleast_1d(t[g])[None, :]), axis=0,
-                               dtype=jnp.int32) for k, g in zip(keys, groups)])
-        c = jax.lax.psum(c, axis_name) if axis_name else c
-        return c if jnp.ndim(t) > 1 else c[:, 0]
+        """[layers, C]: per layer, #(compare(key, t[group, j])) for each of its group's C
+        thresholds, from one read of the keys."""
+        c = jnp.stack([jnp.sum(compare(k[:, None], t[g][None, :]), axis=0, dtype=jnp.int32)
+                       for k, g in zip(keys, groups)])
+        return jax.lax.psum(c, axis_name) if axis_name else c
 
     def body(_, lo_hi):
         lo, hi = lo_hi  # per group: #(keys >= lo) >= count > #(keys >= hi), so lo < hi
@@ -88,8 +101,8 @@ def _group_thresholds(keys, groups, counts, candidates, axis_name=None):
     hi = jnp.full((num_groups,), 2**31 - 1, jnp.int32)
     # Each pass leaves at most ceil(width / (candidates + 1)) of it: 2**31 - 1 -> 1.
     t, _ = jax.lax.fori_loop(0, passes(candidates), body, (lo, hi))
-    room = counts - per_group(layer_counts(jnp.greater, t))
-    return t, room, layer_counts(jnp.equal, t)
+    room = counts - per_group(layer_counts(jnp.greater, t[:, None])[:, 0])
+    return t, room, layer_counts(jnp.equal, t[:, None])[:, 0]
 
 
 def _local_share(key, axis_name, num_shards):

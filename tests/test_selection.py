@@ -239,3 +239,20 @@ def test_candidates_must_split_into_whole_bits():
         selection.select_masks([jnp.ones(4)], 0.5, method="batched", candidates=4)
     with pytest.raises(ValueError, match="method='batched'"):
         selection.select_masks([jnp.ones(4)], 0.5, candidates=15)
+    with pytest.raises(ValueError, match="2\\*\\*b - 1"):
+        with selection.accelerator_candidates(2):
+            pass
+
+
+def test_accelerator_candidates_applies_at_trace_time_and_is_restored():
+    scores = [jnp.ones((16, 8)), jnp.ones((5, 3))]
+
+    def lowered_for_gpu():
+        fn = jax.jit(lambda s: selection.select_masks(s, 0.5))  # a new function: traced anew
+        return fn.trace(scores).lower(lowering_platforms=("cuda",)).as_text()
+
+    with selection.accelerator_candidates(1):
+        bisection = lowered_for_gpu()
+    search = lowered_for_gpu()
+    assert "tensor<2x1xi32>" in bisection and "tensor<2x15xi32>" not in bisection
+    assert "tensor<2x15xi32>" in search and selection.ACCELERATOR_CANDIDATES == 15
