@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup test test-fast demo clean
+.PHONY: setup test test-all demo clean
 
 $(STAMP): setup.py Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,7 +16,12 @@ $(STAMP): setup.py Makefile
 
 setup: $(STAMP)
 
+# The fast tier (a few minutes); test-all adds the slow one (whole trainings, several processes,
+# deviceless compiles, the notebook: see tests/conftest.py), as CI runs it.
 test: $(STAMP)
+	$(PY) -m pytest -q -n 2 --durations=15 -m "not slow" tests
+
+test-all: $(STAMP)
 	$(PY) -m pytest -q -n 2 --durations=15 tests
 
 demo: $(STAMP)

@@ -32,16 +32,17 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from edgepopup_jax import sharding, train
+    from edgepopup_jax import parallel, sharding, train
 
     sharding.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
                                     multihost=FLAGS.multihost)
     import jax
+    import numpy as np
     if jax.process_index() != 0:
         logging.set_verbosity(logging.WARNING)
     logging.info("Config:\n%s", FLAGS.config)
     try:
-        results = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+        results = parallel.train_config(FLAGS.config, FLAGS.workdir)
     except ValueError as e:  # bad config, data or checkpoint: say what, not a traceback
         logging.error("%s", e)
         print(f"error: {e}", file=sys.stderr)
@@ -50,6 +51,17 @@ def main(argv):
         logging.error("%s", e)
         print(f"error: {e}", file=sys.stderr)
         return 1
+    if isinstance(results, list):  # config.parallel_runs seeds, one group
+        for r in results:
+            seed = r["seed"] if "seed" in r else r["config"]["seed"]
+            print(f"seed {seed}: " + (r["message"] if r.get("status") == "diverged" else
+                                      f"top-1 {r['eval']['top1']:.4f}  top-5 {r['eval']['top5']:.4f}"
+                                      if r["eval"] else f"stopped at step {r['step']}"))
+        top1 = [r["eval"]["top1"] for r in results if r.get("eval")]
+        if top1:
+            print(f"top-1 over {len(top1)} seeds: {np.mean(top1):.4f} +- {np.std(top1):.4f}  -> "
+                  f"{FLAGS.workdir}/seed_*/results.json")
+        return 0
     if jax.process_index() == 0 and results["eval"] is not None:
         print(f"top-1 {results['eval']['top1']:.4f}  top-5 {results['eval']['top5']:.4f}  "
               f"kept {results['weights_kept']:,} of {results['weights_total']:,} weights  "

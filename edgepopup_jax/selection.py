@@ -23,6 +23,7 @@ import functools
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import PartitionSpec
 
 from edgepopup_jax import masking
@@ -201,14 +202,77 @@ def select_masks(scores: list, keep_fraction: float, scope: str = "layer", mesh=
     return jax.lax.platform_dependent(scores, cpu=cpu, default=batched(ACCELERATOR_CANDIDATES))
 
 
-def _select_batched(scores, *, keep_fraction, scope, mesh, axis_name, specs, candidates):
-    sizes = [s.size for s in scores]
-    groups = list(range(len(scores))) if scope == "layer" else [0] * len(scores)
+def _groups(num_layers: int, scope: str) -> list[int]:
+    return list(range(num_layers)) if scope == "layer" else [0] * num_layers
+
+
+def kept_counts(sizes, keep_fraction: float, scope: str = "layer") -> np.ndarray:
+    """int32 [groups]: the weights each group keeps, kept_count(group size, k), computed on the
+    host exactly as the reference does. Layers of `sizes` (in selection order) form one group
+    each (scope "layer") or one group in all ("global")."""
+    check_mask_scope(scope)
+    groups = _groups(len(sizes), scope)
     totals = [sum(n for n, g in zip(sizes, groups) if g == gi) for gi in range(max(groups) + 1)]
-    counts = jnp.array([masking.kept_count(n, keep_fraction) for n in totals], jnp.int32)
+    return np.array([masking.kept_count(n, keep_fraction) for n in totals], np.int32)
+
+
+def _select_batched(scores, *, keep_fraction, scope, mesh, axis_name, specs, candidates):
+    counts = jnp.asarray(kept_counts([s.size for s in scores], keep_fraction, scope))
+    return _select_counts(scores, counts, scope, mesh, axis_name, specs, candidates)
+
+
+def _select_counts(scores, counts, scope, mesh, axis_name, specs, candidates):
+    groups = _groups(len(scores), scope)
     keys = [masking._order_keys(s) for s in scores]
     t, room, ties = _thresholds(keys, groups, counts, mesh, axis_name, specs, candidates)
     return _masks_from_thresholds(keys, [s.dtype for s in scores], groups, t, room, ties)
+
+
+def select_masks_for_counts(scores: list, counts, scope: str = "layer") -> list:
+    """select_masks with the kept counts given as an int32 [groups] array (kept_counts), which
+    may be traced: runs of different keep fractions vmapped in one program select their masks
+    in one batched search. On CPU it bisects (CPU_CANDIDATES), on GPU/TPU it tests
+    ACCELERATOR_CANDIDATES per pass; exact either way."""
+    check_mask_scope(scope)
+
+    def search(n):
+        return lambda s, c: _select_counts(s, c, scope, None, None, None, n)
+
+    return jax.lax.platform_dependent(scores, counts, cpu=search(CPU_CANDIDATES),
+                                      default=search(ACCELERATOR_CANDIDATES))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _straight_through_counts(abs_scores, counts, scope):
+    return select_masks_for_counts(abs_scores, counts, scope)
+
+
+def _stc_fwd(abs_scores, counts, scope):
+    return _straight_through_counts(abs_scores, counts, scope), counts
+
+
+def _stc_bwd(scope, counts, g):
+    return g, np.zeros(counts.shape, jax.dtypes.float0)
+
+
+_straight_through_counts.defvjp(_stc_fwd, _stc_bwd)
+
+
+def score_paths(params) -> list[tuple]:
+    """The paths of params' `scores` leaves, in selection order (sorted)."""
+    flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params))
+    return sorted(p for p in flat if p[-1] == "scores")
+
+
+def edge_popup_masks_for_counts(params, counts, scope: str = "layer"):
+    """edge_popup_masks with the kept counts given (select_masks_for_counts; may be traced),
+    with the same straight-through gradient."""
+    flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params))
+    paths = score_paths(params)
+    if not paths:
+        return {}
+    masks = _straight_through_counts([jnp.abs(flat[p]) for p in paths], counts, scope)
+    return flax.traverse_util.unflatten_dict(dict(zip(paths, masks)))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4, 5))

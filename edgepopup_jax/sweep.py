@@ -28,6 +28,7 @@ from etils import epath
 
 from edgepopup_jax import grid as grid_lib
 from edgepopup_jax import files, optim, paper_figures, sweep_plot, train
+from edgepopup_jax import parallel
 
 GRID_FILE, TABLE_FILE, FIGURE_FILE, STATUS_FILE = "sweep.json", "results.csv", "sweep.png", "sweep_status.json"
 RESULT_COLUMNS = ("seed", "baseline", "status", "top1", "top5", "weights_kept", "weights_total",
@@ -139,14 +140,9 @@ def _eta(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
-def run_sweep(base: ml_collections.ConfigDict, grid: grid_lib.Grid, workdir: str, *, worker: int = 0,
-              num_workers: int = 1, say: Callable[[str], None] = print,
-              train_fn=train.train_and_evaluate) -> list[dict]:
-    """Trains this worker's runs of the grid that have not finished; returns all finished rows.
-
-    Every run's config is checked before the first run starts. Raises ValueError for a bad
-    grid or config, Stopped when a run is stopped (SIGTERM): rerun the same command to resume.
-    """
+def _start(base, grid: grid_lib.Grid, workdir: str, worker: int, num_workers: int):
+    """Checks every run's config, refuses a workdir of another recipe, saves the grid.
+    Returns (all runs, config by run name, this worker's runs, rows of finished runs)."""
     runs = grid_lib.expand(grid)
     configs = {run.name: grid_lib.with_overrides(base, run.overrides) for run in runs}
     for run in runs:
@@ -158,6 +154,18 @@ def run_sweep(base: ml_collections.ConfigDict, grid: grid_lib.Grid, workdir: str
     known: dict[str, dict] = {}  # rows of finished runs
     collect(workdir, grid, base, known)  # refuses a workdir of another recipe before writing to it
     save_grid(workdir, grid, base)
+    return runs, configs, mine, known
+
+
+def run_sweep(base: ml_collections.ConfigDict, grid: grid_lib.Grid, workdir: str, *, worker: int = 0,
+              num_workers: int = 1, say: Callable[[str], None] = print,
+              train_fn=train.train_and_evaluate) -> list[dict]:
+    """Trains this worker's runs of the grid that have not finished; returns all finished rows.
+
+    Every run's config is checked before the first run starts. Raises ValueError for a bad
+    grid or config, Stopped when a run is stopped (SIGTERM): rerun the same command to resume.
+    """
+    runs, configs, mine, known = _start(base, grid, workdir, worker, num_workers)
     say(f"sweep: {len(runs)} runs in {workdir}, {len(mine)} for worker {worker} of {num_workers}")
     trained, seconds = 0, 0.0
     for i, run in enumerate(mine, 1):
@@ -190,6 +198,60 @@ def run_sweep(base: ml_collections.ConfigDict, grid: grid_lib.Grid, workdir: str
             left = sum(r.name not in known for r in mine[i:])
             say(f"[{i}/{len(mine)}] {run.name}: top-1 {known[run.name]['top1']:.4f} in "
                 f"{time.time() - t0:.0f} s; {left} to go, ETA {_eta(seconds / trained * left)}")
+    rows = collect(workdir, grid, base, known)
+    write_outputs(workdir, grid, rows)
+    say(f"sweep: {len(rows)} of {len(runs)} runs finished -> {epath.Path(workdir) / TABLE_FILE}, "
+        f"{epath.Path(workdir) / FIGURE_FILE}")
+    return rows
+
+
+def _groups(runs: list[grid_lib.Run], configs: dict, size: int) -> list[list[grid_lib.Run]]:
+    """The runs in groups of at most `size` that can train as one program (parallel.group_key),
+    in the grid's order within each kind."""
+    kinds: dict[str, list[grid_lib.Run]] = {}
+    for run in runs:
+        kinds.setdefault(parallel.group_key(configs[run.name]), []).append(run)
+    return [same[i:i + size] for same in kinds.values() for i in range(0, len(same), size)]
+
+
+def run_sweep_parallel(base: ml_collections.ConfigDict, grid: grid_lib.Grid, workdir: str, *,
+                       parallel_runs: int, worker: int = 0, num_workers: int = 1,
+                       say: Callable[[str], None] = print, train_group=None) -> list[dict]:
+    """run_sweep with up to parallel_runs runs trained at once, as one program on the device
+    data path (parallel.train_group): the unfinished runs of this worker are grouped by what
+    they share, and each group trains, checkpoints and resumes as one. Every run still gets its
+    own directory, results.json and CSV row, as with run_sweep."""
+    train_group = train_group or parallel.train_group
+    if parallel_runs < 1:
+        raise ValueError(f"--parallel_runs must be >= 1, got {parallel_runs}")
+    runs, configs, mine, known = _start(base, grid, workdir, worker, num_workers)
+    todo = [run for run in mine if run.name not in known]
+    groups = _groups(todo, configs, parallel_runs)
+    say(f"sweep: {len(runs)} runs in {workdir}, {len(mine)} for worker {worker} of {num_workers}; "
+        f"{len(mine) - len(todo)} finished earlier, {len(todo)} to train in {len(groups)} "
+        f"group(s) of up to {parallel_runs}")
+    t_all = time.time()
+    for i, group in enumerate(groups, 1):
+        names = ", ".join(run.name for run in group)
+        resume = [latest_checkpoint(run_dir(workdir, run)) for run in group]
+        say(f"[group {i}/{len(groups)}] {len(group)} runs: {names}" +
+            (f" (checkpoints up to step {max(s for s in resume if s)})" if any(resume) else ""))
+        t0 = time.time()
+        results = train_group([configs[run.name] for run in group],
+                              [str(run_dir(workdir, run)) for run in group],
+                              say=lambda line: say(f"[group {i}/{len(groups)}] {line}"))
+        for run, result in zip(group, results):
+            if result.get("status") == "diverged":
+                files.write_atomically(run_dir(workdir, run) / STATUS_FILE, json.dumps(result).encode())
+                say(f"[group {i}/{len(groups)}] {run.name}: diverged ({result['message']})")
+        rows = collect(workdir, grid, base, known)
+        write_outputs(workdir, grid, rows)
+        if any(r.get("preempted") for r in results):
+            raise Stopped(f"stopped during group {i} at step {results[0]['step']}; its "
+                          "checkpoints are saved: rerun the same command to resume")
+        left = len(groups) - i
+        say(f"[group {i}/{len(groups)}] done in {time.time() - t0:.0f} s; {left} group(s) to go, "
+            f"ETA {_eta((time.time() - t_all) / i * left)}")
     rows = collect(workdir, grid, base, known)
     write_outputs(workdir, grid, rows)
     say(f"sweep: {len(rows)} of {len(runs)} runs finished -> {epath.Path(workdir) / TABLE_FILE}, "
@@ -233,6 +295,9 @@ def _define_flags():
     flags.DEFINE_list("baseline_over", [], "Swept keys the baselines vary over (default: none).")
     flags.DEFINE_integer("worker", 0, "This worker's index, 0 <= worker < num_workers.")
     flags.DEFINE_integer("num_workers", 1, "Workers sharing the sweep.")
+    flags.DEFINE_integer("parallel_runs", None, "Train up to this many runs at once, as one program "
+                         "with the data on the device (runs that share the model, data and "
+                         "batch; default: the config's parallel_runs).")
     flags.DEFINE_bool("plot_only", False, "Only rewrite results.csv and sweep.png from finished runs.")
     flags.DEFINE_bool("verbose", False, "Show the trainer's log lines (steps, evaluations).")
     flags.mark_flags_as_required(["workdir"])
@@ -260,7 +325,12 @@ def main(argv) -> int:
             base = grid_lib.with_overrides(base, paper_figures.FIGURES[FLAGS.figure].fixed)
         grid = make_grid(base, FLAGS.sweep, FLAGS.seeds, FLAGS.figure, FLAGS.baseline,
                          FLAGS.baseline_over)
-        run_sweep(base, grid, FLAGS.workdir, worker=FLAGS.worker, num_workers=FLAGS.num_workers)
+        parallel_runs = FLAGS.parallel_runs or base.get("parallel_runs", 1)
+        if parallel_runs > 1:
+            run_sweep_parallel(base, grid, FLAGS.workdir, parallel_runs=parallel_runs,
+                               worker=FLAGS.worker, num_workers=FLAGS.num_workers)
+        else:
+            run_sweep(base, grid, FLAGS.workdir, worker=FLAGS.worker, num_workers=FLAGS.num_workers)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -94,12 +94,15 @@ def check_finite(pending: list[tuple[int, dict]], last_saved: int | None) -> Non
     this only at log steps and before saving."""
     for step, metrics in pending:
         if not float(metrics["finite"]):
-            saved = (f"the latest checkpoint (step {last_saved}) is from before it and intact"
-                     if last_saved is not None else "no checkpoint was saved")
-            raise TrainingDiverged(
-                f"training diverged at step {step}: loss {float(metrics['loss'])}, non-finite loss "
-                f"or gradients; stopped without saving that state ({saved}). Lower "
-                "optim.learning_rate or add warm-up (optim.warmup_epochs), then resume or restart")
+            raise TrainingDiverged(diverged_message(step, float(metrics["loss"]), last_saved))
+
+
+def diverged_message(step: int, loss: float, last_saved: int | None) -> str:
+    saved = (f"the latest checkpoint (step {last_saved}) is from before it and intact"
+             if last_saved is not None else "no checkpoint was saved")
+    return (f"training diverged at step {step}: loss {loss}, non-finite loss or gradients; "
+            f"stopped without saving that state ({saved}). Lower optim.learning_rate or add "
+            "warm-up (optim.warmup_epochs), then resume or restart")
 
 
 def check_kept_counts(state: TrainState, model) -> list[summary.LayerStats]:

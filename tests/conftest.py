@@ -15,6 +15,8 @@ import os
 import shutil
 import tempfile
 
+import pytest
+
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -31,15 +33,60 @@ def pytest_unconfigure(config):
         shutil.rmtree(_OWN_CACHE_DIR, ignore_errors=True)
 
 
+# Two tiers: `make test` runs the fast one (-m "not slow"), `make test-all` (and CI) everything.
+# Slow: tests that run whole trainings (or many of them), several processes, deviceless
+# compiles, the notebook, or compile big models; by node-id prefix (file::name[params]), so a
+# parametrized test can keep its cheap cases fast (and by @pytest.mark.slow in a test file:
+# test_configs' one-step runs outside its FAST set). Each module keeps fast tests. A prefix that
+# matches no test of a collected file is an error, so a rename cannot move a test silently.
+SLOW = (
+    # several processes
+    "test_multihost.py::", "test_packaging.py::test_trainer_step_runs_without_tensorflow",
+    "test_packaging.py::test_library_works_without_the_trainer_dependencies",
+    "test_train.py::test_sigterm_saves", "test_train.py::test_cli_exits_1",
+    "test_export_evaluate.py::",
+    # the notebook
+    "test_notebooks.py::",
+    # deviceless compiles
+    "test_preflight.py::test_conv4_compiles", "test_preflight.py::test_cli_absurd_batch",
+    # whole trainings, or trainings on many device counts / options / configs
+    "test_option_combinations.py::test_option_combination_trains_evaluates_and_exports",
+    "test_train.py::test_any_device_count", "test_train.py::test_supermask_sample_evaluation",
+    "test_train.py::test_default_config_learns_mnist5k",
+    "test_train.py::test_frozen_weights_do_not_change", "test_train.py::test_incompatible_checkpoint",
+    "test_sweep.py::test_sweep_stops_resumes", "test_sharding.py::test_fsdp_state_is_split",
+    "test_selection.py::test_trainer_runs_the_global_scope",
+    "test_parallel.py::test_devices_split", "test_parallel.py::test_sweep_trains",
+    "test_parallel.py::test_group_resumes_from_the_newest",
+    # big models, compiled
+    "test_subnet.py::test_cifar_resnet18_roundtrip", "test_interop.py::test_cresnet18_import",
+    "test_models.py::test_cifar_resnet18_forward_train_and_eval",
+    "test_selection.py::test_batched_selection_equals_the_sort_for_every_layer_of_every_model[resnet",
+    "test_selection.py::test_batched_selection_equals_the_sort_for_every_layer_of_every_model[wide",
+    "test_selection.py::test_batched_selection_equals_the_sort_for_every_layer_of_every_model[cifar",
+    "test_selection.py::test_selection_split_over_8_devices",
+    "test_selection.py::test_selection_on_split_scores",
+    "test_selection.py::test_search_is_exact_at_the_ends_of_the_key_range[3",
+    "test_selection.py::test_search_is_exact_at_the_ends_of_the_key_range[15",
+    "test_mask_selection.py::test_methods_match_reference_bf16",
+    "test_mask_selection.py::test_methods_match_reference[70001",
+    "test_mask_selection.py::test_methods_match_reference_large",
+    "test_selection.py::test_masks_collection_gives_the_layers_own_masks_and_gradients",
+    "test_selection.py::test_evaluation_folds_the_masks_into_the_kernels_once",
+    "test_selection.py::test_global_scope_equals_a_sort_over_the_concatenated_scores",
+    "test_selection.py::test_global_scope_needs_the_masks_collection",
+    "test_models.py::test_grad_only_scores_conv4",
+)
+
+
 # Under xdist (`make test` runs -n 2) the tests are handed out in collection order; these, the
 # longest (tens of seconds to a minute each on 2 cores), go first so that no worker is left idle
 # at the end while the other still runs one of them. Only the order changes: a name that stops
-# matching merely loses its place. The @pytest.mark.slow ones lead their group.
+# matching merely loses its place. The slow ones lead their group.
 LONG_FIRST = (
     "test_multihost.py::",
     "test_configs.py::test_config_trains_one_step[imagenet",
     "test_configs.py::test_config_trains_one_step[cifar10_resnet18",
-    "test_configs.py::test_config_trains_one_step",
     "test_train.py::test_any_device_count_trains_evaluates_checkpoints_and_resumes",
     "test_notebooks.py::",
     "test_export_evaluate.py::",
@@ -52,10 +99,23 @@ LONG_FIRST = (
 
 
 def _long_first_rank(item):
-    name = item.nodeid.rsplit("/", 1)[-1]
+    name = _name(item)
     rank = next((i for i, prefix in enumerate(LONG_FIRST) if name.startswith(prefix)), len(LONG_FIRST))
     return rank, item.get_closest_marker("slow") is None
 
 
+def _name(item) -> str:
+    return item.nodeid.rsplit("/", 1)[-1]
+
+
 def pytest_collection_modifyitems(config, items):
+    files = {_name(item).split("::")[0] for item in items}
+    unmatched = [p for p in SLOW if p.split("::")[0] in files
+                 and not any(_name(item).startswith(p) for item in items)]
+    chosen = config.option.keyword or config.option.deselect or any("::" in a for a in config.args)
+    if unmatched and not chosen:
+        raise pytest.UsageError(f"conftest.SLOW names tests that do not exist: {unmatched}")
+    for item in items:
+        if any(_name(item).startswith(p) for p in SLOW):
+            item.add_marker(pytest.mark.slow)
     items.sort(key=_long_first_rank)  # stable: the rest keep their order

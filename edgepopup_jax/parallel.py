@@ -1,0 +1,564 @@
+"""Many runs in one program: a group of R runs trained together, the data on the device.
+
+The runs are stacked on a leading runs axis and trained by one jitted step (`jax.vmap` over the
+runs): one forward and backward pass, one batched mask selection for all runs and all layers,
+one optimizer update. The data set lives on the device as uint8 arrays (device_data): each
+step gathers every run's batch by its own permutation and augments it there.
+
+A group's runs share the model architecture, the data, the batch size and the schedule; they may
+differ in the fields of VARYING (seed, keep fraction, the weight init options, learning rate and
+weight decay). Each run behaves as if it trained alone: its batches, augmentation and random
+numbers follow from its own seed and the step only, so it trains the same in a group of 1 or of
+50, and it has its own run directory with its checkpoints, results.json and TensorBoard events.
+
+A run whose loss or gradients stop being finite is frozen at its last good state and recorded
+as diverged (never saved after it); the others go on. A group resumes from the newest step
+that every run of it saved.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+import time
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from etils import epath
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from edgepopup_jax import checkpoint as ckpt_lib
+from edgepopup_jax import (device_data, evaluation, files, input_pipeline, masking, optim,
+                           selection, summary, train)
+from edgepopup_jax import grid as grid_lib
+from edgepopup_jax.metric_writer import MetricWriter
+from edgepopup_jax.preemption import Preemption
+
+RUNS_AXIS, DATA_AXIS = "runs", "data"
+# The config fields the runs of one group may differ in; every other field must be equal.
+VARYING = ("seed", "model.keep_fraction", "model.weight_init", "model.weight_init_mode",
+           "model.scale_by_keep_fraction", "optim.learning_rate", "optim.weight_decay")
+SPLITS = ("runs", "data")  # what the devices split: the runs (default) or every run's batch
+
+
+class GroupError(ValueError):
+    """Configs that cannot train as one group (names the field that differs)."""
+
+
+def _flat(config: ml_collections.ConfigDict) -> dict:
+    flat = flax.traverse_util.flatten_dict(config.to_dict(), sep=".")
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in flat.items()}
+
+
+def group_key(config: ml_collections.ConfigDict) -> str:
+    """Configs with equal keys can train as one group: every field but VARYING."""
+    return repr(sorted((k, v) for k, v in _flat(config).items() if k not in VARYING))
+
+
+def check_group(configs: list) -> None:
+    """Raises GroupError naming the first field (outside VARYING) in which two configs differ."""
+    if not configs:
+        raise GroupError("a group needs at least one run")
+    first = _flat(configs[0])
+    for i, config in enumerate(configs[1:], 1):
+        other = _flat(config)
+        for key in sorted(set(first) | set(other)):
+            if key not in VARYING and first.get(key) != other.get(key):
+                raise GroupError(
+                    f"runs 0 and {i} differ in {key} ({first.get(key)!r} vs {other.get(key)!r}); "
+                    f"the runs of one group may differ only in {', '.join(VARYING)}")
+
+
+def check_split(split: str) -> str:
+    if split not in SPLITS:
+        raise ValueError(f"unknown parallel_split {split!r}; allowed: {', '.join(SPLITS)}")
+    return split
+
+
+def make_mesh(num_runs: int, batch_size: int, devices=None, split: str = "runs") -> Mesh:
+    """A 2-D (runs, data) mesh over the devices. split="runs": as many devices on the runs axis
+    as divide both the device count and the number of runs (gcd), the rest split each run's
+    batch; "data": every device splits the batch, each holds every run."""
+    check_split(split)
+    devices = np.asarray(jax.devices() if devices is None else devices)
+    n = devices.size
+    on_runs = math.gcd(num_runs, n) if split == "runs" else 1
+    on_data = n // on_runs
+    if batch_size % on_data:
+        raise ValueError(f"batch_size {batch_size} cannot be split over the {on_data} devices of the "
+                         f"data axis ({n} devices, {on_runs} on the runs axis): use a multiple of "
+                         f"{on_data}")
+    return Mesh(devices.reshape(on_runs, on_data), (RUNS_AXIS, DATA_AXIS))
+
+
+@dataclasses.dataclass(frozen=True)
+class Group:
+    """What a group's configs mean for its data: the models, step counts and hyperparameters."""
+    configs: tuple
+    models: tuple  # each run's model (its init options); models[0] applies them all
+    info: input_pipeline.DatasetInfo
+    total_steps: int
+    steps_per_epoch: int
+    hyper: dict  # per-run arrays: learning_rate, weight_decay [R] float32, counts [R, groups]
+
+    @property
+    def size(self) -> int:
+        return len(self.configs)
+
+
+def _layer_sizes(model, image_shape) -> list[int]:
+    """Sizes of the model's score arrays, in selection order."""
+    shapes = jax.eval_shape(lambda: model.init({"params": jax.random.PRNGKey(0),
+                                                masking.SAMPLE_RNG: jax.random.PRNGKey(0)},
+                                               jnp.zeros((1,) + tuple(image_shape)), train=False))
+    flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(shapes["params"]))
+    return [int(np.prod(flat[p].shape)) for p in selection.score_paths(shapes["params"])]
+
+
+def make_group(configs: list, info: input_pipeline.DatasetInfo) -> Group:
+    """Checks the configs (each as the trainer would, then that they form a group)."""
+    check_group(configs)
+    for i, config in enumerate(configs):
+        try:
+            plan = train.make_plan(config, info)
+        except ValueError as e:
+            raise ValueError(f"run {i}: {e}") from None
+    models = tuple(train.build_model(c, info.num_classes) for c in configs)
+    sizes = _layer_sizes(models[0], info.image_shape)
+    scope = models[0].mask_scope
+    counts = np.stack([selection.kept_counts(sizes, m.keep_fraction, scope) if sizes
+                       else np.zeros((1,), np.int32) for m in models])
+    hyper = {"learning_rate": np.array([c.optim.learning_rate for c in configs], np.float32),
+             "weight_decay": np.array([c.optim.weight_decay for c in configs], np.float32),
+             "counts": counts}
+    return Group(tuple(configs), models, info, plan.total_steps, plan.steps_per_epoch, hyper)
+
+
+def run_optimizer(config, group: Group, learning_rate, weight_decay) -> optax.GradientTransformation:
+    """config's optimizer with this run's learning rate and weight decay (traced under vmap)."""
+    schedule = optim.learning_rate_schedule(config.optim, group.total_steps, group.steps_per_epoch,
+                                            learning_rate=learning_rate)
+    return optim.make_optimizer(config.optim, schedule, weight_decay=weight_decay)
+
+
+def _run_step(state: train.TrainState, batch, hyper, alive, step, *, group: Group):
+    """One run's train step (vmapped over the runs): as train.train_step, with the masks
+    selected for this run's kept counts. A run that is not alive, or whose loss or gradients
+    are not finite, keeps its state."""
+    config, model = group.configs[0], group.models[0]
+    rng = jax.random.fold_in(state.rng, step)
+    images = input_pipeline.normalize(batch["image"], tuple(config.data.mean), tuple(config.data.std))
+    tx = run_optimizer(config, group, hyper["learning_rate"], hyper["weight_decay"])
+
+    def loss_fn(params):
+        variables = {**state.variables(), "params": params}
+        if model.mask == "edge_popup":
+            variables[selection.MASKS] = selection.edge_popup_masks_for_counts(
+                params, hyper["counts"], model.mask_scope)
+        logits, updates = model.apply(variables, images, train=True, mutable=["batch_stats"],
+                                      rngs={masking.SAMPLE_RNG: rng})
+        loss = evaluation.cross_entropy(logits, batch["label"], group.info.num_classes,
+                                        config.optim.get("label_smoothing", 0.0)).mean()
+        return loss, (logits, updates.get("batch_stats", state.batch_stats))
+
+    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    new = state.replace(step=step + 1, params=optax.apply_updates(state.params, updates),
+                        batch_stats=batch_stats, opt_state=opt_state)
+    finite = jnp.isfinite(loss) & jnp.all(jnp.stack([jnp.all(jnp.isfinite(g))
+                                                     for g in jax.tree.leaves(grads)]))
+    keep = alive & finite
+    new = jax.tree.map(lambda a, b: jnp.where(keep, a, b), new, state)
+    accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
+    return new, keep, {"loss": loss, "accuracy": accuracy, "finite": finite}
+
+
+def group_step(states, alive, permutations, step, data, *, group: Group, mesh: Mesh):
+    """All runs' step `step`: each run's batch from its permutation of this epoch, augmented on
+    the device, then _run_step vmapped over the runs."""
+    config = group.configs[0]
+    epoch, index = step // group.steps_per_epoch, step % group.steps_per_epoch
+    gather = functools.partial(device_data.train_batch, batch_size=config.batch_size,
+                               augment=config.data.augment)
+    batches = jax.vmap(gather, in_axes=(None, None, 0, 0, None, None))(
+        data["image"], data["label"], permutations, data["seed"], epoch, index)
+    batches = jax.lax.with_sharding_constraint(
+        batches, NamedSharding(mesh, PartitionSpec(RUNS_AXIS, DATA_AXIS)))
+    hyper = {k: data[k] for k in ("learning_rate", "weight_decay", "counts")}
+    return jax.vmap(functools.partial(_run_step, group=group), in_axes=(0, 0, 0, 0, None))(
+        states, batches, hyper, alive, step)
+
+
+def _eval_run(variables, counts, eval_data, *, group: Group):
+    """One run's sums over the eval split (vmapped over the runs): masks selected and folded
+    once, then the eval step over every batch."""
+    model = group.models[0]
+    if model.mask == "edge_popup":
+        masks = selection.edge_popup_masks_for_counts(variables["params"], counts, model.mask_scope)
+        variables = {**variables, selection.MASKS: selection.fold_into_kernels(variables["frozen"], masks)}
+    step = functools.partial(evaluation.eval_step, model=model, num_classes=group.info.num_classes,
+                             mean=tuple(group.configs[0].data.mean),
+                             std=tuple(group.configs[0].data.std))
+
+    def body(i, totals):
+        sums = step(variables, {k: v[i] for k, v in eval_data.items()})
+        return jax.tree.map(jnp.add, totals, sums)
+
+    zeros = {k: jnp.zeros((), jnp.float32) for k in ("loss", "top1", "top5", "count")}
+    return jax.lax.fori_loop(0, eval_data["label"].shape[0], body, zeros)
+
+
+def group_eval(variables, counts, eval_data, *, group: Group):
+    return jax.vmap(functools.partial(_eval_run, group=group), in_axes=(0, 0, None))(
+        variables, counts, eval_data)
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupSteps:
+    init: tuple  # per run: seed -> TrainState (jitted, one per distinct model)
+    train: Any  # (states, alive, permutations, step, data) -> (states, alive, metrics)
+    eval: Any  # (variables, counts, eval_data) -> per-run sums
+    permutations: Any  # (seeds, epoch) -> [R, N] this epoch's order of every run
+    state_sharding: Any
+
+
+def make_steps(group: Group, mesh: Mesh) -> GroupSteps:
+    config, shape = group.configs[0], tuple(group.info.image_shape)
+    template_tx = run_optimizer(config, group, 1.0, 0.0)  # init builds the same structure
+    inits = {}
+    for model in group.models:
+        if model not in inits:
+            inits[model] = jax.jit(functools.partial(train.create_state, model, template_tx, shape))
+    runs = NamedSharding(mesh, PartitionSpec(RUNS_AXIS))
+    repl = NamedSharding(mesh, PartitionSpec())
+    abstract = jax.eval_shape(inits[group.models[0]], 0)
+    state_sh = jax.tree.map(lambda _: runs, abstract)
+    data_sh = {"image": repl, "label": repl, "seed": runs, "learning_rate": runs,
+               "weight_decay": runs, "counts": runs}
+    train_fn = jax.jit(functools.partial(group_step, group=group, mesh=mesh),
+                       in_shardings=(state_sh, runs, runs, repl, data_sh),
+                       out_shardings=(state_sh, runs, runs), donate_argnums=(0, 1))
+    eval_fn = jax.jit(functools.partial(group_eval, group=group), out_shardings=runs)
+    n = group.info.num_train
+    perms = jax.jit(jax.vmap(lambda seed, epoch: device_data.epoch_permutation(seed, epoch, n),
+                             in_axes=(0, None)), out_shardings=runs)
+    return GroupSteps(tuple(inits[m] for m in group.models), train_fn, eval_fn, perms, state_sh)
+
+
+def _stack(trees):
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+
+def _unstack(tree, r: int):
+    return jax.tree.map(lambda x: x[r], tree)
+
+
+def _common_step(checkpointers) -> int | None:
+    """The newest step every run saved (None: some run has none)."""
+    steps = [set(c.manager.all_steps()) for c in checkpointers]
+    common = set.intersection(*steps) if steps else set()
+    return max(common) if common else None
+
+
+def _set_aside_newer(checkpointer, step: int | None) -> None:
+    """Checkpoints of a run newer than the group's common step are moved aside (never deleted):
+    the group retrains those steps, and orbax must not find a newer step when it saves them."""
+    for s in checkpointer.manager.all_steps():
+        if step is None or s > step:
+            src = epath.Path(checkpointer.directory) / str(s)
+            dst = epath.Path(checkpointer.directory) / f"{s}.ahead_of_group.{int(time.time())}"
+            logging.warning("moving %s aside to %s: the group resumes from step %s", src, dst, step)
+            src.rename(dst)
+    checkpointer.manager.reload()
+
+
+def train_group(configs: list, workdirs: list, *, devices=None, cache_dir: str | None = None,
+                stop_after_steps: int | None = None, say=None) -> list[dict]:
+    """Trains configs' runs as one group, run i into workdirs[i].
+
+    Args:
+      configs: full configs (see configs/base.py) that differ only in VARYING fields.
+      workdirs: one directory per run: its checkpoints/, TensorBoard events and results.json.
+      devices: the mesh's devices (default: all); config.parallel_split says what they split.
+      cache_dir: where a decoded image folder is cached (default: beside the first workdir).
+      stop_after_steps: stop after this many steps, saving every run's checkpoint (as SIGTERM).
+      say: called with one line per group event (default: absl logging).
+
+    Returns:
+      Per run, the results written to its results.json (as train.train_and_evaluate's, plus
+      "group": its size and index), or {"status": "diverged", "message", "step"} for a run
+      that diverged.
+
+    Raises:
+      ValueError: a bad config, configs that cannot form a group (GroupError), a data set that
+        the device path cannot hold, or a checkpoint that belongs to another run.
+    """
+    say = say or (lambda line: logging.info("%s", line))
+    if len(configs) != len(workdirs) or len(set(map(str, workdirs))) != len(workdirs):
+        raise ValueError("train_group needs one distinct workdir per config")
+    if jax.process_count() > 1:
+        raise ValueError("the device data path (and so parallel runs) runs in one process; use "
+                         "data.pipeline='tf_data' for a multi-host job")
+    base = configs[0]
+    device_data.check_device_augment(base.data.augment)
+    cache_dir = cache_dir or os.path.join(os.path.dirname(os.path.abspath(str(workdirs[0]))),
+                                          ".data_cache")
+    info = device_data.get_info(base.data, cache_dir)
+    group = make_group(list(configs), info)
+    mesh = make_mesh(group.size, base.batch_size, devices, base.get("parallel_split", "runs"))
+    steps = make_steps(group, mesh)
+    runs_sh = NamedSharding(mesh, PartitionSpec(RUNS_AXIS))
+    repl = NamedSharding(mesh, PartitionSpec())
+
+    train_images, train_labels = device_data.load_split(base.data, base.data.train_split, cache_dir)
+    eval_images, eval_labels = device_data.load_split(base.data, base.data.eval_split, cache_dir)
+    eval_batch = base.get("eval_batch_size") or base.batch_size
+    eval_data = jax.device_put(device_data.eval_batches(eval_images, eval_labels, eval_batch), repl)
+    seeds = np.array([c.seed for c in configs], np.int32)
+    data = jax.device_put({"image": train_images, "label": train_labels}, repl)
+    data.update(jax.device_put({"seed": seeds, **group.hyper}, runs_sh))
+
+    # Each run's initial state exactly as it would be alone; restored where the group saved.
+    states = [init(c.seed) for init, c in zip(steps.init, configs)]
+    frozen_hashes = [ckpt_lib.tree_hash(s.frozen) for s in states]
+    metas = [ckpt_lib.RunMeta(model=c.model.to_dict(), seed=c.seed, dataset=c.data.name,
+                              batch_size=c.batch_size, num_classes=info.num_classes,
+                              process_count=1) for c in configs]
+    for w in workdirs:
+        epath.Path(w).mkdir(parents=True, exist_ok=True)
+    keep = base.get("keep_checkpoints", 3)
+    checkpointers = [ckpt_lib.Checkpointer(os.path.join(str(w), "checkpoints"), max_to_keep=keep)
+                     for w in workdirs]
+    start = _common_step(checkpointers)
+    for c in checkpointers:
+        _set_aside_newer(c, start)
+    if start is not None:
+        for r, c in enumerate(checkpointers):
+            states[r], saved = c.restore(states[r], metas[r].identity(),
+                                         added_defaults={"model": ckpt_lib.ADDED_MODEL_OPTIONS})
+            metas[r] = dataclasses.replace(metas[r], history=ckpt_lib.RunMeta.from_json(saved).history)
+            if ckpt_lib.tree_hash(states[r].frozen) != frozen_hashes[r]:
+                raise ckpt_lib.CheckpointError(f"{c.directory}: the frozen weights differ from "
+                                               "this seed's")
+        say(f"group of {group.size}: resumed from step {start}")
+    histories = [m.history for m in metas]
+    states = jax.device_put(_stack(states), steps.state_sharding)
+    alive = jax.device_put(np.ones((group.size,), bool), runs_sh)
+    writers = [MetricWriter(str(w), tensorflow=False) for w in workdirs]
+
+    every = train.Intervals(total=group.total_steps, log=base.get("log_every_steps", 50),
+                            eval=base.get("eval_every_steps", 0) or group.steps_per_epoch,
+                            checkpoint=base.get("checkpoint_every_steps", 0) or group.steps_per_epoch)
+    step = start or 0
+    say(f"group of {group.size} runs: {config_summary(configs)}; {group.total_steps} steps "
+        f"({group.steps_per_epoch} per epoch), batch {base.batch_size} per run, mesh "
+        f"{dict(mesh.shape)}")
+    diverged: dict[int, dict] = {}
+    last_eval: list = [None] * group.size
+    pending: list = []
+    since, t_start, throughput_steps = time.time(), time.time(), 0
+    permutations, perm_epoch = None, None
+    simulated_devices = mesh.devices.size > 1 and mesh.devices.flat[0].platform == "cpu"
+    preempted = False
+
+    def live():
+        return [r for r in range(group.size) if r not in diverged]
+
+    def read_pending(log: bool):
+        nonlocal pending, since, throughput_steps
+        got = jax.device_get(pending)
+        for r in live():
+            bad = next(((s, m) for s, m in got if not m["finite"][r]), None)
+            if bad is not None:
+                s, m = bad
+                message = train.diverged_message(s, float(m["loss"][r]),
+                                                 checkpointers[r].latest_step())
+                diverged[r] = {"status": "diverged", "message": message, "step": s,
+                               "seed": configs[r].seed}
+                say(f"run {r} ({workdirs[r]}): {message}; the other runs go on")
+        if log and got:
+            seconds = max(time.time() - since, 1e-9)
+            rate = len(got) * base.batch_size / seconds  # images/s of each run
+            if throughput_steps:  # the first interval includes compilation
+                for r in live():
+                    histories[r]["throughput"].append(rate)
+            throughput_steps += 1
+            for r in live():
+                values = {k: float(np.mean([m[k][r] for _, m in got])) for k in ("loss", "accuracy")}
+                histories[r]["train"].append({"step": step, **values})
+                writers[r].scalars(step, {"train/loss": values["loss"],
+                                          "train/accuracy": values["accuracy"],
+                                          "train/images_per_sec": rate})
+            losses = " ".join(f"{np.mean([m['loss'][r] for _, m in got]):.3f}" for r in live()[:8])
+            say(f"step {step}/{group.total_steps}: {len(live())} of {group.size} runs training, "
+                f"{rate:.0f} img/s per run ({rate * len(live()):.0f} in all); losses {losses}"
+                f"{' ...' if len(live()) > 8 else ''}")
+            since = time.time()
+        pending = []
+
+    def save(force=False):
+        for r in live():
+            checkpointers[r].save(step, _unstack(states, r),
+                                  dataclasses.replace(metas[r], history=histories[r]).to_json(),
+                                  force=force)
+
+    def evaluate():
+        variables = {"params": states.params, "frozen": states.frozen,
+                     "batch_stats": states.batch_stats}
+        sums = jax.device_get(steps.eval(variables, data["counts"], eval_data))
+        for r in live():
+            count = max(float(sums["count"][r]), 1.0)
+            result = {"top1": float(sums["top1"][r]) / count, "top5": float(sums["top5"][r]) / count,
+                      "loss": float(sums["loss"][r]) / count, "count": int(sums["count"][r])}
+            histories[r]["eval"].append({"step": step, "epoch": step / group.steps_per_epoch, **result})
+            writers[r].scalars(step, {f"eval/{k}": v for k, v in result.items() if k != "count"})
+            last_eval[r] = result
+        top1 = " ".join(f"{last_eval[r]['top1']:.4f}" for r in live()[:8])
+        say(f"eval at step {step}: top-1 {top1}{' ...' if len(live()) > 8 else ''}")
+
+    try:
+        for r in range(group.size):
+            h = histories[r]["eval"]
+            if h and h[-1]["step"] == step:
+                last_eval[r] = {k: v for k, v in h[-1].items() if k not in ("step", "epoch")}
+        if 0 < step <= group.total_steps and every.due(step, every.eval) and None in last_eval:
+            evaluate()
+        with Preemption() as preemption:
+            while step < group.total_steps and live():
+                epoch = step // group.steps_per_epoch
+                if epoch != perm_epoch:
+                    permutations, perm_epoch = steps.permutations(data["seed"], epoch), epoch
+                states, alive, metrics = steps.train(states, alive, permutations, step, data)
+                if simulated_devices:
+                    jax.block_until_ready(metrics)
+                step += 1
+                pending.append((step, metrics))
+                logging_now, evaluating, saving = (every.due(step, n) for n in
+                                                   (every.log, every.eval, every.checkpoint))
+                stop_asked = stop_after_steps is not None and step - (start or 0) >= stop_after_steps
+                stop = stop_asked or preemption.requested
+                if logging_now or evaluating or saving or stop:
+                    read_pending(log=logging_now)  # never save (or evaluate) a diverged state
+                if stop:
+                    preempted = True
+                    save(force=True)
+                    say(f"stopping at step {step} ({'requested' if stop_asked else 'SIGTERM'}); "
+                        "every run's checkpoint saved")
+                    break
+                if saving:
+                    save()
+                if evaluating and live():
+                    for c in checkpointers:
+                        c.wait()
+                    evaluate()
+        if None in [last_eval[r] for r in live()] and not preempted:
+            evaluate()  # resumed a finished group: nothing to train, still report
+    finally:
+        for c in checkpointers:
+            c.close()
+        for w in writers:
+            w.close()
+
+    wall = time.time() - t_start
+    results = []
+    for r, (config, workdir) in enumerate(zip(configs, workdirs)):
+        if r in diverged:
+            results.append(diverged[r])
+            continue
+        state = jax.device_get(_unstack(states, r))
+        if ckpt_lib.tree_hash(state.frozen) != frozen_hashes[r]:
+            raise RuntimeError("frozen weights changed during training: this is a bug")
+        rows = train.check_kept_counts(state, group.models[r])
+        history = histories[r]
+        result = {
+            "step": step, "total_steps": group.total_steps, "preempted": preempted,
+            "eval": last_eval[r], "frozen_sha256": frozen_hashes[r],
+            "state_sha256": ckpt_lib.tree_hash({"params": state.params,
+                                                "batch_stats": state.batch_stats,
+                                                "opt_state": flax.serialization.to_state_dict(
+                                                    state.opt_state)}),
+            "train_history": history["train"], "eval_history": history["eval"],
+            "layers": [dict(name=x.name, shape=list(x.shape), total=x.total, kept=x.kept,
+                            mode=x.mode) for x in rows],
+            "weights_total": sum(x.total for x in rows), "weights_kept": sum(x.kept for x in rows),
+            "images_per_sec": (float(np.median(history["throughput"])) if history["throughput"]
+                               else None),
+            "wall_time_sec": wall, "num_devices": int(mesh.devices.size), "num_processes": 1,
+            "data_order_changed": None, "pipeline": "device",
+            "group": {"size": group.size, "index": r, "mesh": dict(mesh.shape)},
+            "config": config.to_dict(),
+        }
+        files.write_json_atomically(epath.Path(workdir) / "results.json", result)
+        if not preempted:
+            logging.info("run %d done: top-1 %.4f; kept %d of %d weights\n%s", r,
+                         last_eval[r]["top1"], result["weights_kept"], result["weights_total"],
+                         summary.format_table(rows))
+        results.append(result)
+    return results
+
+
+def config_summary(configs: list) -> str:
+    """The VARYING fields that differ between the runs, with their values."""
+    flats = [_flat(c) for c in configs]
+    parts = []
+    for key in VARYING:
+        values = [f.get(key) for f in flats]
+        if len(set(map(repr, values))) > 1:
+            parts.append(f"{key} in {sorted(set(values), key=repr)}")
+    return "; ".join(parts) or "identical configs"
+
+
+def pipeline_for(config: ml_collections.ConfigDict, devices=None) -> str:
+    """The pipeline a config trains on: config.data.pipeline, with "auto" resolved. The device
+    path runs one process with the state replicated over its runs; "auto" takes tf_data for
+    what only it does (several processes, state_sharding="fsdp"), and "device" refuses them."""
+    wanted = config.data.get("pipeline", "tf_data")
+    needs_tf_data = [why for why, bad in (
+        (f"{jax.process_count()} processes", jax.process_count() > 1),
+        (f"state_sharding={config.get('state_sharding', 'replicated')!r}",
+         config.get("state_sharding", "replicated") != "replicated")) if bad]
+    if wanted == "auto" and needs_tf_data:
+        logging.info("data.pipeline='auto' -> 'tf_data': %s", ", ".join(needs_tf_data))
+        return "tf_data"
+    if wanted == "device" and needs_tf_data:
+        raise ValueError(f"data.pipeline='device' trains in one process with the state replicated, "
+                         f"but this run has {', '.join(needs_tf_data)}: use data.pipeline='tf_data'")
+    return device_data.resolve_pipeline(config.data, None, devices)
+
+
+def seed_workdirs(config: ml_collections.ConfigDict, workdir: str) -> tuple[list, list]:
+    """config.parallel_runs configs with seeds seed, seed + 1, ..., and their workdir/seed_<s>."""
+    n = config.get("parallel_runs", 1)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"parallel_runs must be a whole number >= 1, got {n!r}")
+    seeds = [config.seed + i for i in range(n)]
+    return ([grid_lib.with_overrides(config, {"seed": s}) for s in seeds],
+            [os.path.join(str(workdir), f"seed_{s}") for s in seeds])
+
+
+def train_config(config: ml_collections.ConfigDict, workdir: str, devices=None):
+    """What main.py runs: one run on the pipeline the config resolves to (results as
+    train.train_and_evaluate's), or config.parallel_runs seeds as one group (a list of
+    results, one per seed, in workdir/seed_<s>). Raises train.TrainingDiverged when the one
+    run (or every run) diverged."""
+    check_split(config.get("parallel_split", "runs"))
+    pipeline = pipeline_for(config, devices)
+    many = config.get("parallel_runs", 1) != 1
+    if pipeline == "tf_data":
+        if many:
+            raise ValueError("parallel_runs > 1 needs the device data path: set "
+                             "data.pipeline='device' (or 'auto')")
+        return train.train_and_evaluate(config, workdir, devices=devices)
+    configs, workdirs = seed_workdirs(config, workdir) if many else ([config], [workdir])
+    results = train_group(configs, workdirs, devices=devices)
+    diverged = [r for r in results if r.get("status") == "diverged"]
+    if len(diverged) == len(results):
+        raise train.TrainingDiverged(diverged[0]["message"])
+    return results if many else results[0]
