@@ -86,6 +86,10 @@ FIXED = {
     "num_epochs": "num_train_steps sets the length", "num_train_steps": f"{STEPS}",
     "log_every_steps": "1: every step's loss is checked", "keep_checkpoints": "any >= 1",
     "state_sharding": "one device here: fsdp vs replicated on 4 devices is in test_sharding.py",
+    "data.pipeline": "tf_data here: a device-path run equals itself in a group in test_parallel.py",
+    "data.device_memory_fraction": "read only by pipeline='auto' (test_device_data.py)",
+    "parallel_runs": "1: one run here; groups of runs are test_parallel.py's",
+    "parallel_split": "read only by groups: runs and data split over 8 devices in test_parallel.py",
 }
 TINY = {"fc": {"width": 0.02}, "conv2": {"width": 0.05},
         RESNET: {"width": 0.0625, "stage_sizes": (1,)}}

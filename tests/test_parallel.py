@@ -234,3 +234,16 @@ def test_a_group_killed_or_stopped_resumes_as_if_never_interrupted(tmp_path):
             got = json.loads((workdir / f"seed_{s}" / "results.json").read_text())
             assert got["state_sha256"] == w["state_sha256"], (stop.name, s)
             assert got["eval"] == w["eval"]
+
+
+def test_tensorboard_events_without_tensorflow(tmp_path):
+    from edgepopup_jax.metric_writer import MetricWriter
+    writer = MetricWriter(str(tmp_path), tensorflow=False)
+    writer.scalars(1, {"train/loss": 2.5})
+    writer.scalars(7, {"train/loss": 1.25, "eval/top1": 0.5})
+    writer.close()
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    events = event_accumulator.EventAccumulator(str(tmp_path))
+    events.Reload()
+    assert [(s.step, s.value) for s in events.Scalars("train/loss")] == [(1, 2.5), (7, 1.25)]
+    assert [(s.step, s.value) for s in events.Scalars("eval/top1")] == [(7, 0.5)]
