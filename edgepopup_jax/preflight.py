@@ -2,6 +2,8 @@
 
   python -m edgepopup_jax.preflight --config=configs/imagenet_wrn50.py --target=tpu:v5e:2x4
   python -m edgepopup_jax.preflight --config=configs/imagenet_resnet50.py --target=gpu:h100:8
+  python -m edgepopup_jax.preflight --config=configs/cifar10.py:conv4 --target=gpu:h100:1 \\
+      --parallel_runs=50        # a group of 50 runs in one program (parallel.train_group)
 
 Compiles the trainer's own train and eval steps (train.make_steps: the same functions, shardings,
 dtypes and donation as a run) ahead of time for the target's devices, and prints per device:
@@ -220,33 +222,25 @@ def _out_of_memory(message: str) -> bool:
     return "RESOURCE_EXHAUSTED" in message or "out of memory" in message.lower()
 
 
-def max_batch_per_device(config, target: targets.Target, known: tuple[int, Memory | None],
-                         max_compiles: int = 8, log=print) -> tuple[int | None, int | None]:
-    """The largest per-device train batch whose step fits the target, searched by compiling.
+def largest_that_fits(peak, known: tuple[int, int | None], limit: int, fixed_bytes: int,
+                      max_compiles: int = 8) -> tuple[int | None, int | None]:
+    """The largest n whose compiled step fits in `limit` bytes, searched by compiling.
+
+    peak(n): the step's per-device peak bytes at n (per-device batch, or runs in a group), None
+    if it does not compile. known: (n0, its peak or None). fixed_bytes: the part of the peak
+    that does not grow with n (for a line through one point).
 
     Keeps a bracket (lo fits, hi does not) and guesses from a straight line through the two
-    newest measured peaks (GPU memory grows about linearly with the batch, so that usually hits
-    the boundary in 2-3 compiles); when the line misses on the same side twice, it bisects (the
-    TPU compiler rematerialises to fit, so its peaks are not linear; a batch that cannot fit
-    does not compile there). Returns (lo, hi): lo is the largest batch seen to
-    fit (None: not even 1), hi the smallest seen not to (None: none), hi == lo + 1 when exact.
+    newest measured peaks (GPU memory grows about linearly with the batch or the number of
+    runs, so that usually hits the boundary in 2-3 compiles); when the line misses on the same
+    side twice, it bisects (the TPU compiler rematerialises to fit, so its peaks are not
+    linear; a step that cannot fit does not compile there). Returns (lo, hi): lo is the largest
+    n seen to fit (None: not even 1), hi the smallest seen not to (None: none), hi == lo + 1
+    when exact.
     """
-    n = target.num_devices
-
-    def peak(per_device: int) -> int | None:
-        t = time.time()
-        try:
-            mem = Memory.of(compile_train_step(_with_batch(config, per_device * n), target))
-        except DoesNotCompile as e:
-            log(f"  batch {per_device}/device: does not compile ({e})")
-            return None
-        log(f"  batch {per_device}/device: peak {mem.peak / GiB:.2f} GiB ({time.time() - t:.0f} s)")
-        return mem.peak
-
-    limit = target.usable_bytes
-    b0, mem0 = known
-    measured = [(b0, mem0.peak)] if mem0 else []  # (batch, peak) of compiles that worked
-    lo, hi = (b0, None) if mem0 and mem0.peak <= limit else (0, b0)  # lo fits, hi does not
+    n0, p0 = known
+    measured = [(n0, p0)] if p0 is not None else []  # (n, peak) of compiles that worked
+    lo, hi = (n0, None) if p0 is not None and p0 <= limit else (0, n0)  # lo fits, hi does not
     moves = []  # which end of the bracket each compile moved
     for _ in range(max_compiles):
         if hi is not None and hi - lo <= 1:
@@ -255,9 +249,9 @@ def max_batch_per_device(config, target: targets.Target, known: tuple[int, Memor
             (b1, p1), (b2, p2) = measured[-2:]
             slope = (p2 - p1) / (b2 - b1) if b2 != b1 else 0.0
             intercept = p2 - slope * b2
-        elif measured:  # one point: the state (arguments) is fixed, the rest grows with the batch
+        elif measured:  # one point: the fixed part stays, the rest grows with n
             (b1, p1), = measured
-            intercept, slope = mem0.argument, (p1 - mem0.argument) / b1
+            intercept, slope = fixed_bytes, (p1 - fixed_bytes) / b1
         else:
             intercept, slope = 0.0, 0.0
         guess = int((limit - intercept) // slope) if slope > 0 else 2 * max(lo, 1)
@@ -274,6 +268,27 @@ def max_batch_per_device(config, target: targets.Target, known: tuple[int, Memor
             hi = guess
             moves.append("hi")
     return (lo or None), hi
+
+
+def max_batch_per_device(config, target: targets.Target, known: tuple[int, Memory | None],
+                         max_compiles: int = 8, log=print) -> tuple[int | None, int | None]:
+    """The largest per-device train batch whose step fits the target (largest_that_fits; the
+    state, the step's arguments, is what does not grow with the batch)."""
+    n = target.num_devices
+
+    def peak(per_device: int) -> int | None:
+        t = time.time()
+        try:
+            mem = Memory.of(compile_train_step(_with_batch(config, per_device * n), target))
+        except DoesNotCompile as e:
+            log(f"  batch {per_device}/device: does not compile ({e})")
+            return None
+        log(f"  batch {per_device}/device: peak {mem.peak / GiB:.2f} GiB ({time.time() - t:.0f} s)")
+        return mem.peak
+
+    b0, mem0 = known
+    return largest_that_fits(peak, (b0, mem0.peak if mem0 else None), target.usable_bytes,
+                             mem0.argument if mem0 else 0, max_compiles)
 
 
 def _gib(b: int) -> str:
@@ -318,6 +333,205 @@ def format_report(r: Report) -> str:
     return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------- groups of runs
+
+# Split sizes of catalog data sets a preflight may see unprepared (tfds knows them only once
+# prepared); a group holds its data on the device, so its size counts.
+KNOWN_SPLIT_SIZES = {"cifar10": (50_000, 10_000), "cifar100": (50_000, 10_000),
+                     "mnist": (60_000, 10_000), "fashion_mnist": (60_000, 10_000)}
+
+
+@dataclasses.dataclass
+class GroupReport:
+    target: str
+    device_kind: str
+    num_devices: int
+    model: str
+    runs: int
+    batch_size: int  # per run
+    mesh: dict
+    hbm_bytes: int
+    usable_bytes: int
+    data_bytes: int  # both splits as uint8, on every device
+    train: Memory | None
+    eval: Memory | None
+    flops_per_step: float  # the whole group's step
+    collectives: dict
+    compile_seconds: float
+    split_sizes: str = ""  # where the split sizes came from
+    max_runs: int | None = None
+    no_fit_runs: int | None = None
+    max_runs_exact: bool = True
+    error: str | None = None
+
+    @property
+    def fits(self) -> bool:
+        return self.error is None and max(self.train.peak, self.eval.peak) <= self.usable_bytes
+
+    def to_json(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.update(fits=self.fits, train_peak_bytes=self.train.peak if self.train else None,
+                 eval_peak_bytes=self.eval.peak if self.eval else None)
+        return d
+
+
+def _group_info(config):
+    from edgepopup_jax import device_data
+    device_data.check_device_augment(config.data.augment)
+    info = input_pipeline.get_info(config.data, prepared=False)
+    if info.num_train:
+        return info, "the data set's own"
+    if config.data.name not in KNOWN_SPLIT_SIZES:
+        raise ValueError(f"the split sizes of {config.data.name!r} are unknown without the data: "
+                         "prepare it (tfds build), or use a data set whose sizes preflight knows: "
+                         f"{', '.join(KNOWN_SPLIT_SIZES)}")
+    num_train, num_eval = KNOWN_SPLIT_SIZES[config.data.name]
+    return (dataclasses.replace(info, num_train=num_train, num_eval=num_eval),
+            f"{config.data.name}'s published sizes (not prepared here)")
+
+
+def _group(config, runs: int, info):
+    from edgepopup_jax import grid, parallel
+    configs = [grid.with_overrides(config, {"seed": config.seed + i}) for i in range(runs)]
+    return parallel.make_group(configs, info)
+
+
+def _group_arguments(group, mesh, with_sharding: bool = True):
+    """Abstract (states, alive, permutations, step, data) of a group's train step, and the eval
+    step's (variables, counts, eval_data), placed as parallel.train_group places them."""
+    from edgepopup_jax import parallel
+    from jax.sharding import NamedSharding, PartitionSpec
+    runs = NamedSharding(mesh, PartitionSpec(parallel.RUNS_AXIS)) if with_sharding else None
+    repl = NamedSharding(mesh, PartitionSpec()) if with_sharding else None
+    config, info, r = group.configs[0], group.info, group.size
+
+    def spec(shape, dtype, where):
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=where)
+
+    steps = parallel.make_steps(group, mesh)
+    one = jax.eval_shape(steps.init[0], 0)
+    states = jax.tree.map(lambda x: spec((r,) + x.shape, x.dtype, runs), one)
+    n, shape = info.num_train, tuple(info.image_shape)
+    data = {"image": spec((n,) + shape, np.uint8, repl), "label": spec((n,), np.int32, repl),
+            "seed": spec((r,), np.int32, runs), "learning_rate": spec((r,), np.float32, runs),
+            "weight_decay": spec((r,), np.float32, runs),
+            "counts": spec(group.hyper["counts"].shape, np.int32, runs)}
+    train_args = (states, spec((r,), np.bool_, runs), spec((r, n), np.int32, runs),
+                  spec((), np.int32, repl), data)
+    eval_batch = config.get("eval_batch_size") or config.batch_size
+    nb = -(-info.num_eval // eval_batch)
+    eval_data = {"image": spec((nb, eval_batch) + shape, np.uint8, repl),
+                 "label": spec((nb, eval_batch), np.int32, repl),
+                 "valid": spec((nb, eval_batch), np.float32, repl)}
+    variables = {k: getattr(states, k) for k in ("params", "frozen", "batch_stats")}
+    return steps, train_args, (variables, data["counts"], eval_data)
+
+
+def compile_group(config, runs: int, target: targets.Target, info=None):
+    """The compiled train and eval steps of a group of `runs` runs of config (seeds seed,
+    seed + 1, ...) for target: (train, eval, group, mesh)."""
+    from edgepopup_jax import parallel
+    info = info or _group_info(config)[0]
+    group = _group(config, runs, info)
+    mesh = parallel.make_mesh(runs, config.batch_size, target.mesh.devices.flat,
+                              config.get("parallel_split", "runs"))
+    steps, train_args, eval_args = _group_arguments(group, mesh)
+    return _compile(steps.train, *train_args), _compile(steps.eval, *eval_args), group, mesh
+
+
+def group_flops(group) -> float:
+    """The group step's FLOPs from XLA's cost analysis, lowered for the CPU."""
+    from edgepopup_jax import parallel
+    from jax.sharding import Mesh
+    cpu = Mesh(np.asarray(jax.devices("cpu")[:1]).reshape(1, 1),
+               (parallel.RUNS_AXIS, parallel.DATA_AXIS))
+    _, train_args, _ = _group_arguments(group, cpu, with_sharding=False)
+    fn = jax.jit(functools.partial(parallel.group_step, group=group, mesh=cpu))
+    return float(fn.trace(*train_args).lower(lowering_platforms=("cpu",)).cost_analysis()["flops"])
+
+
+def analyse_group(config, runs: int, target: targets.Target, log=print) -> GroupReport:
+    """Compiles the train and eval steps of a group of `runs` runs for target and measures them."""
+    from edgepopup_jax import device_data
+    info, sizes = _group_info(config)
+    t = time.time()
+    log(f"compiling the step of a group of {runs} {config.model.name} runs, batch "
+        f"{config.batch_size} each, for {target.num_devices} x {target.device_kind} ...")
+    memory, error, text, mesh = {}, None, "", None
+    try:
+        train_c, eval_c, group, mesh = compile_group(config, runs, target, info)
+        memory = {"train": Memory.of(train_c), "eval": Memory.of(eval_c)}
+        text = train_c.as_text()
+    except DoesNotCompile as e:
+        if not _out_of_memory(str(e)):
+            raise
+        error, group = str(e), _group(config, runs, info)
+    return GroupReport(
+        target=target.spec, device_kind=target.device_kind, num_devices=target.num_devices,
+        model=config.model.name, runs=runs, batch_size=config.batch_size,
+        mesh=dict(mesh.shape) if mesh is not None else {}, hbm_bytes=target.hbm_bytes,
+        usable_bytes=target.usable_bytes, data_bytes=device_data.nbytes(info),
+        train=memory.get("train"), eval=memory.get("eval"), flops_per_step=group_flops(group),
+        collectives=collectives(text), compile_seconds=time.time() - t, split_sizes=sizes,
+        error=error)
+
+
+def max_runs(config, target: targets.Target, known: tuple[int, Memory | None], data_bytes: int,
+             max_compiles: int = 8, log=print) -> tuple[int | None, int | None]:
+    """The largest group of config's runs whose steps fit the target (largest_that_fits; the
+    data on the device is what does not grow with the runs)."""
+    info = _group_info(config)[0]
+
+    def peak(runs: int) -> int | None:
+        t = time.time()
+        try:
+            train_c, eval_c, _, _ = compile_group(config, runs, target, info)
+        except DoesNotCompile as e:
+            log(f"  {runs} runs: does not compile ({e})")
+            return None
+        p = max(Memory.of(train_c).peak, Memory.of(eval_c).peak)
+        log(f"  {runs} runs: peak {p / GiB:.2f} GiB ({time.time() - t:.0f} s)")
+        return p
+
+    n0, mem0 = known
+    return largest_that_fits(peak, (n0, mem0.peak if mem0 else None), target.usable_bytes,
+                             data_bytes, max_compiles)
+
+
+def format_group_report(r: GroupReport) -> str:
+    lines = [
+        f"target {r.target}: {r.num_devices} x {r.device_kind}, {_gib(r.hbm_bytes)} GiB HBM per "
+        f"device (XLA may use {_gib(r.usable_bytes)})",
+        f"a group of {r.runs} {r.model} runs, batch {r.batch_size} per run, mesh {r.mesh}; the "
+        f"data on every device: {r.data_bytes / 2**20:.1f} MiB (split sizes: {r.split_sizes})",
+        "",
+        "per device, GiB      argument   output  (aliased)     temp     peak   fits",
+    ]
+    for name, m in (("train step", r.train), ("eval (all batches)", r.eval)):
+        if m is None:
+            lines.append(f"{name:<18} does not compile: {r.error}")
+            continue
+        lines.append(f"{name:<18} {_gib(m.argument):>10} {_gib(m.output):>8} {_gib(m.alias):>10} "
+                     f"{_gib(m.temp):>8} {_gib(m.peak):>8}   "
+                     f"{'yes' if m.peak <= r.usable_bytes else 'NO'}")
+    lines += ["", f"FLOPs (XLA's count): {r.flops_per_step / 1e9:.4g} GFLOP per group step "
+              f"({r.flops_per_step / r.num_devices / 1e9:.4g} per device), "
+              f"{r.flops_per_step / r.runs / r.batch_size / 1e6:.4g} MFLOP per image "
+              "(forward + backward + update)"]
+    lines += ["", "collectives in the train step (per device, as written in the program):"]
+    lines += [f"  {op:<20} {c['count']:>4} ops  {c['bytes'] / 2**20:10.2f} MiB"
+              for op, c in sorted(r.collectives.items())] or ["  none"]
+    if r.max_runs is not None or r.no_fit_runs is not None:
+        line = f"largest group that fits: {r.max_runs or 0} runs"
+        if not r.max_runs_exact:
+            line += (f"; {r.no_fit_runs} do not fit (the search stopped at its compile limit in "
+                     "between)" if r.no_fit_runs else " or more (the search stopped at its compile "
+                     "limit)")
+        lines += ["", line]
+    lines += ["", "FITS" if r.fits else "DOES NOT FIT"]
+    return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------- CLI
 
 
@@ -330,10 +544,13 @@ def main(argv) -> int:
     logging.set_verbosity(logging.WARNING)
     if not os.environ.get("JAX_PLATFORMS"):  # the host only compiles: keep the CUDA/TPU plugins,
         jax.config.update("jax_platforms", "cpu")  # which have no device here, from starting
+    log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
+    if FLAGS.parallel_runs is not None:
+        return _main_group(FLAGS, log)
     try:
         target = targets.parse_target(FLAGS.target)
         config = FLAGS.config
-        report = analyse(config, target, log=lambda s: print(s, file=sys.stderr, flush=True))
+        report = analyse(config, target, log=log)
     except (ValueError, DoesNotCompile) as e:  # bad target or config, or a step that cannot exist
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -352,6 +569,29 @@ def main(argv) -> int:
     return 0 if report.fits else 1
 
 
+def _main_group(FLAGS, log) -> int:
+    try:
+        if FLAGS.parallel_runs < 1:
+            raise ValueError(f"--parallel_runs must be >= 1, got {FLAGS.parallel_runs}")
+        target = targets.parse_target(FLAGS.target)
+        report = analyse_group(FLAGS.config, FLAGS.parallel_runs, target, log=log)
+        if FLAGS.search_max_runs:
+            log("searching for the largest group that fits ...")
+            lo, hi = max_runs(FLAGS.config, target, (report.runs, report.train and max(
+                report.train, report.eval, key=lambda m: m.peak)), report.data_bytes,
+                max_compiles=FLAGS.max_search_compiles, log=log)
+            report.max_runs, report.no_fit_runs = lo, hi
+            report.max_runs_exact = hi is not None and hi - (lo or 0) <= 1
+    except (ValueError, DoesNotCompile) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(format_group_report(report))
+    if FLAGS.json:
+        with open(FLAGS.json, "w") as f:
+            json.dump(report.to_json(), f, indent=2)
+    return 0 if report.fits else 1
+
+
 def _define_flags():
     from absl import flags
     from ml_collections import config_flags
@@ -363,6 +603,11 @@ def _define_flags():
                       "that fits (a few more compiles).")
     flags.DEFINE_integer("max_search_compiles", 8, "At most this many compiles for that search.")
     flags.DEFINE_string("json", None, "Also write the report as JSON to this path.")
+    flags.DEFINE_integer("parallel_runs", None, "Check a group of this many runs trained as one "
+                         "program, the data on the device (seeds seed, seed + 1, ...): memory, "
+                         "FLOPs, and the largest group that fits.")
+    flags.DEFINE_bool("search_max_runs", True, "With --parallel_runs: also search for the "
+                      "largest group that fits (a few more compiles).")
     flags.mark_flags_as_required(["config", "target"])
 
 

@@ -49,6 +49,7 @@ SLOW = (
     "test_notebooks.py::",
     # deviceless compiles
     "test_preflight.py::test_conv4_compiles", "test_preflight.py::test_cli_absurd_batch",
+    "test_preflight.py::test_a_group_of_runs_compiles",
     # whole trainings, or trainings on many device counts / options / configs
     "test_option_combinations.py::test_option_combination_trains_evaluates_and_exports",
     "test_train.py::test_any_device_count", "test_train.py::test_supermask_sample_evaluation",

@@ -2,6 +2,7 @@
 
 Needs the [preflight] extra (libtpu; jax-cuda12-plugin and -pjrt); each test skips cleanly without it.
 """
+import dataclasses
 import importlib.util
 import os
 import pathlib
@@ -146,3 +147,39 @@ def test_cli_absurd_batch_does_not_fit_and_exits_1(tmp_path):
     r = json.loads((tmp_path / "r.json").read_text())
     assert not r["fits"] and r["train_peak_bytes"] > r["usable_bytes"]
     np.testing.assert_equal(r["batch_size"], 33554432)
+
+
+@needs_gpu
+def test_a_group_of_runs_compiles_for_one_h100_with_its_data_and_the_largest_group(tmp_path):
+    """A group's step holds every run's state and the data set on the device: memory and FLOPs
+    grow with the runs, the data is counted once, and the search finds the exact largest group
+    (here the limit is shrunk so that a few runs fill it)."""
+    from edgepopup_jax import device_data
+    from edgepopup_jax.configs import default
+    c = default.get_config()
+    target = targets.parse_target("gpu:h100:1")
+    one = preflight.analyse_group(c, 1, target, log=lambda s: None)
+    four = preflight.analyse_group(c, 4, target, log=lambda s: None)
+    info = device_data.get_info(c.data)
+    assert one.data_bytes == four.data_bytes == device_data.nbytes(info)
+    assert one.train.argument > one.data_bytes and four.mesh == {"runs": 1, "data": 1}
+    per_run = (four.train.argument - one.train.argument) / 3
+    assert per_run >= 4 * 266_200 * 3  # scores, frozen weights, momentum: float32 each
+    np.testing.assert_allclose(four.flops_per_step, 4 * one.flops_per_step, rtol=0.05)
+    limit = max(one.train.peak, one.eval.peak) + 3 * per_run + 2**20  # room for about 4 runs
+    target = dataclasses.replace(target, usable_bytes=int(limit))
+    lo, hi = preflight.max_runs(c, target, (4, max(four.train, four.eval, key=lambda m: m.peak)),
+                                four.data_bytes, max_compiles=6, log=lambda s: None)
+    assert hi == lo + 1 and lo is not None
+
+    def peak(runs):
+        train_step, eval_step, _, _ = preflight.compile_group(c, runs, target)
+        return max(preflight.Memory.of(train_step).peak, preflight.Memory.of(eval_step).peak)
+
+    assert peak(lo) <= limit < peak(hi)
+
+
+def test_cli_parallel_runs_must_be_positive():
+    p = _cli("--config=configs/default.py", "--target=gpu:h100:1", "--parallel_runs=0")
+    assert p.returncode == 2 and "--parallel_runs must be >= 1" in p.stderr, p.stderr[-2000:]
+    assert "Traceback" not in p.stderr
