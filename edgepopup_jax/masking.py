@@ -124,11 +124,25 @@ def _topk_mask_forward(scores: jax.Array, keep_fraction: float, method: str | No
     else:
         select = _threshold_key_radix if method == "radix" else _threshold_key_bisect
         t, room, ties = select(keys, count)
+    return _keep_from_threshold(keys, t, room, ties).reshape(scores.shape).astype(scores.dtype)
+
+
+def _keep_from_threshold(keys: jax.Array, t, room, ties) -> jax.Array:
+    """Keys above t, then the first `room` keys equal to t in flat order (ties to the lower index)."""
+    n = keys.size
     # Usually every key equal to t is kept (room == ties) and no tie-break pass is needed.
     cut = jax.lax.cond(room == ties, lambda: jnp.int32(n), lambda: _tie_cut(keys, t, room))
-    # Keys above t, then the first `room` keys equal to t in flat order (ties to the lower index).
-    keep = (keys > t) | ((keys == t) & (jnp.arange(n, dtype=jnp.int32) < cut))
-    return keep.reshape(scores.shape).astype(scores.dtype)
+    return (keys > t) | ((keys == t) & (jnp.arange(n, dtype=jnp.int32) < cut))
+
+
+def topk_mask_for_count(scores: jax.Array, count) -> jax.Array:
+    """The 0/1 mask of the top `count` entries of |scores|, count an int32 scalar that may be
+    traced (vmapped runs of different keep fractions): the CPU's radix select (bisection below
+    _RADIX_MIN_SIZE keys). Equals topk_mask_forward(scores, k) for count = kept_count(n, k)."""
+    keys = _order_keys(scores).reshape(-1)
+    select = _threshold_key_radix if keys.size >= _RADIX_MIN_SIZE else _threshold_key_bisect
+    t, room, ties = select(keys, count)
+    return _keep_from_threshold(keys, t, room, ties).reshape(scores.shape).astype(scores.dtype)
 
 
 def topk_mask_forward(scores: jax.Array, keep_fraction: float) -> jax.Array:

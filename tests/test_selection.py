@@ -256,3 +256,39 @@ def test_accelerator_candidates_applies_at_trace_time_and_is_restored():
     search = lowered_for_gpu()
     assert "tensor<2x1xi32>" in bisection and "tensor<2x15xi32>" not in bisection
     assert "tensor<2x15xi32>" in search and selection.ACCELERATOR_CANDIDATES == 15
+
+
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_selection_for_traced_counts_equals_the_sort_for_vmapped_keep_fractions(scope):
+    """select_masks_for_counts, vmapped over runs of different keep fractions (as a group of
+    runs selects): every run's masks equal the sort reference's, ties (many equal |s|), k = 1
+    and layers below and above the radix size included; the straight-through gradient is the
+    identity into |s|, as edge_popup_masks'."""
+    rng = np.random.default_rng(3)
+    shapes = [(300, 200), (70, 50, 3), (100,), (400, 100)]
+    scores = [jnp.asarray(rng.normal(size=s).astype(np.float32)) for s in shapes[:3]]
+    scores.append(jnp.asarray(np.round(rng.normal(size=shapes[3]) * 3).astype(np.float32)))
+    ks = (0.01, 0.3, 0.5, 0.77, 1.0)
+    counts = np.stack([selection.kept_counts([s.size for s in scores], k, scope) for k in ks])
+    select = jax.jit(jax.vmap(lambda c: selection.select_masks_for_counts(
+        [jnp.abs(s) for s in scores], c, scope)))
+    got = select(jnp.asarray(counts))
+    flat = jnp.concatenate([jnp.abs(s).reshape(-1) for s in scores])
+    for i, k in enumerate(ks):
+        if scope == "layer":
+            want = [masking.topk_mask_reference(s, k) for s in scores]
+        else:
+            whole = masking.topk_mask_reference(flat, k)
+            bounds = np.cumsum([0] + [s.size for s in scores])
+            want = [whole[a:b].reshape(s.shape) for a, b, s in zip(bounds, bounds[1:], scores)]
+        for g, w in zip(got, want):
+            np.testing.assert_array_equal(np.asarray(g[i]), np.asarray(w))
+    params = {f"l{i}": {"scores": s} for i, s in enumerate(scores)}
+    weights = [jnp.asarray(rng.normal(size=s.shape).astype(np.float32)) for s in scores]
+    objective = lambda masks: sum(jnp.sum(m * w) for m, w in zip(  # noqa: E731
+        jax.tree.leaves(masks), weights))
+    g1 = jax.grad(lambda p: objective(selection.edge_popup_masks_for_counts(
+        p, jnp.asarray(counts[1]), scope)))(params)
+    g2 = jax.grad(lambda p: objective(selection.edge_popup_masks(p, 0.3, scope)))(params)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
