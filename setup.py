@@ -39,8 +39,8 @@ setup(
         "torch": ["torch>=2.9,<2.14"],
         "cuda": ["jax[cuda12]>=0.7,<0.13"],
         "tpu": ["jax[tpu]>=0.7,<0.13"],
-        # Deviceless TPU/GPU compiles (python -m edgepopup_jax.preflight): libtpu, and the CUDA
-        # plugin and PJRT at jax's own version, without the CUDA libraries (not needed to compile).
+        # Deviceless TPU/GPU compiles (python -m edgepopup_jax.planning.preflight): libtpu, and the
+        # CUDA plugin and PJRT at jax's own version, without the CUDA libraries (not needed to compile).
         "preflight": ["jax[tpu,cuda12-local]>=0.7,<0.13"],
     },
 )

@@ -1,6 +1,6 @@
 """Exports the subnetwork found by a training run as a compact .subnet file.
 
-  python -m edgepopup_jax.export --workdir=runs/conv4 --out=conv4.subnet [--step=N]
+  python -m edgepopup_jax.subnet.export --workdir=runs/conv4 --out=conv4.subnet [--step=N]
 """
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import sys
 
 from absl import app, flags
 
-from edgepopup_jax import checkpoint as ckpt_lib
-from edgepopup_jax import subnet
+from edgepopup_jax.training import checkpoint as ckpt_lib
+from edgepopup_jax.subnet import io as subnet
 
 FLAGS = flags.FLAGS
 

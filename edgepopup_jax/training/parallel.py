@@ -34,12 +34,12 @@ from absl import logging
 from etils import epath
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from edgepopup_jax import checkpoint as ckpt_lib
-from edgepopup_jax import (device_data, evaluation, files, input_pipeline, masking, optim,
-                           selection, summary, train)
-from edgepopup_jax import grid as grid_lib
-from edgepopup_jax.metric_writer import MetricWriter
-from edgepopup_jax.preemption import Preemption
+from edgepopup_jax.core import masking, selection, summary
+from edgepopup_jax.training import checkpoint as ckpt_lib
+from edgepopup_jax.training import device_data, evaluation, files, input_pipeline, optim, train
+from edgepopup_jax.planning import grid as grid_lib
+from edgepopup_jax.training.metric_writer import MetricWriter
+from edgepopup_jax.training.preemption import Preemption
 
 RUNS_AXIS, DATA_AXIS = "runs", "data"
 # The config fields the runs of one group may differ in; every other field must be equal.
