@@ -71,4 +71,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(lambda argv: sys.exit(main(argv)))
+    from edgepopup_jax.training import command  # app.run; --help exits 0
+    command.run(main, sys.modules[__name__])

@@ -27,7 +27,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from edgepopup_jax.training import input_pipeline, sharding, train
+from edgepopup_jax.training import command, input_pipeline, sharding, train
 from edgepopup_jax.planning import targets
 
 GiB = 2**30
@@ -613,8 +613,12 @@ def _define_flags():
     flags.mark_flags_as_required(["config", "target"])
 
 
-if __name__ == "__main__":
-    from absl import app
+def cli():
+    """`python -m edgepopup_jax.planning.preflight` and the `edgepopup-preflight` console script."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     _define_flags()
-    app.run(lambda argv: sys.exit(main(argv)))
+    command.run(main, sys.modules[__name__])
+
+
+if __name__ == "__main__":
+    cli()

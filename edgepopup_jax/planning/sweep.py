@@ -26,7 +26,7 @@ from typing import Callable
 import ml_collections
 from etils import epath
 
-from edgepopup_jax.training import files, optim, parallel, train
+from edgepopup_jax.training import command, files, optim, parallel, train
 from edgepopup_jax.planning import grid as grid_lib
 from edgepopup_jax.planning import paper_figures, sweep_plot
 
@@ -340,8 +340,12 @@ def main(argv) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    from absl import app
+def cli():
+    """`python -m edgepopup_jax.planning.sweep` and the `edgepopup-sweep` console script."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     _define_flags()
-    app.run(lambda argv: sys.exit(main(argv)))
+    command.run(main, sys.modules[__name__])
+
+
+if __name__ == "__main__":
+    cli()

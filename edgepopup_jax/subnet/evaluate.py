@@ -80,6 +80,12 @@ def main(argv):
     return 0
 
 
-if __name__ == "__main__":
+def cli():
+    """`python -m edgepopup_jax.subnet.evaluate` and the `edgepopup-evaluate` console script."""
+    from edgepopup_jax.training import command
     _define_flags()
-    app.run(lambda argv: sys.exit(main(argv)))
+    command.run(main, sys.modules[__name__])
+
+
+if __name__ == "__main__":
+    cli()
