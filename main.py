@@ -32,7 +32,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from edgepopup_jax import parallel, sharding, train
+    from edgepopup_jax.training import parallel, sharding, train
 
     sharding.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
                                     multihost=FLAGS.multihost)
@@ -71,4 +71,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(lambda argv: sys.exit(main(argv)))
+    from edgepopup_jax.training import command  # app.run; --help exits 0
+    command.run(main, sys.modules[__name__])

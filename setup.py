@@ -12,6 +12,17 @@ setup(
     long_description_content_type="text/markdown",
     packages=find_packages(include=["edgepopup_jax", "edgepopup_jax.*"]),
     python_requires=">=3.11",
+    # The commands, also as `python -m edgepopup_jax.<package>.<module>` (docs/ARCHITECTURE.md);
+    # all but the importer need the [train] extra, the importer needs [torch].
+    entry_points={
+        "console_scripts": [
+            "edgepopup-sweep = edgepopup_jax.planning.sweep:cli",
+            "edgepopup-preflight = edgepopup_jax.planning.preflight:cli",
+            "edgepopup-export = edgepopup_jax.subnet.export:cli",
+            "edgepopup-evaluate = edgepopup_jax.subnet.evaluate:cli",
+            "edgepopup-import-reference = edgepopup_jax.subnet.interop.hidden_networks:main",
+        ],
+    },
     # The library (layers, masks, models, subnet files): nothing but JAX and its Flax/optax.
     install_requires=[
         "jax>=0.7,<0.13",
@@ -39,8 +50,8 @@ setup(
         "torch": ["torch>=2.9,<2.14"],
         "cuda": ["jax[cuda12]>=0.7,<0.13"],
         "tpu": ["jax[tpu]>=0.7,<0.13"],
-        # Deviceless TPU/GPU compiles (python -m edgepopup_jax.preflight): libtpu, and the CUDA
-        # plugin and PJRT at jax's own version, without the CUDA libraries (not needed to compile).
+        # Deviceless TPU/GPU compiles (python -m edgepopup_jax.planning.preflight): libtpu, and the
+        # CUDA plugin and PJRT at jax's own version, without the CUDA libraries (not needed to compile).
         "preflight": ["jax[tpu,cuda12-local]>=0.7,<0.13"],
     },
 )

@@ -31,7 +31,8 @@ import time
 import jax
 import numpy as np
 
-from edgepopup_jax import input_pipeline, selection, sharding, train
+from edgepopup_jax.core import selection
+from edgepopup_jax.training import input_pipeline, sharding, train
 
 CIFAR = {"conv4", "cifar_resnet18"}
 MODELS = ("conv4", "cifar_resnet18", "resnet50", "wide_resnet50_2")

@@ -18,7 +18,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from edgepopup_jax.configs import cifar10  # noqa: E402
 from absl import logging  # noqa: E402
 
-from edgepopup_jax import input_pipeline, train  # noqa: E402
+from edgepopup_jax.training import input_pipeline, train  # noqa: E402
 
 
 def find_data_dir(data_dir: str) -> str:

@@ -74,7 +74,7 @@ fig3)
     environment 2>&1 | tee "$out/env.txt"
     [ -f "$npz" ] || python3 benchmarks/cifar_carry.py join --parts "$carried" --out "$npz" || exit 1
     # shellcheck disable=SC2086
-    timeout -s TERM "${FIG3_BUDGET_S:-540}" python3 -m edgepopup_jax.sweep \
+    timeout -s TERM "${FIG3_BUDGET_S:-540}" python3 -m edgepopup_jax.planning.sweep \
         --config=configs/cifar10.py:conv4 --workdir="${FIG3_WORKDIR:-/tmp/fig3}" \
         --config.data.name=npz --config.data.data_dir="$npz" \
         --config.data.pipeline=device --config.model.compute_dtype=bfloat16 \

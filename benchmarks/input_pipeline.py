@@ -16,7 +16,7 @@ import time
 import ml_collections
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from edgepopup_jax import input_pipeline as ip  # noqa: E402
+from edgepopup_jax.training import input_pipeline as ip  # noqa: E402
 
 
 def configs(data_dir):

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from edgepopup_jax import masking
+from edgepopup_jax.core import masking
 from edgepopup_jax.models import get_model
 
 KEEP = 0.5

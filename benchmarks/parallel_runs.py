@@ -28,9 +28,10 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import logging  # noqa: E402
 
-from edgepopup_jax import grid as grid_lib  # noqa: E402
-from edgepopup_jax import parallel, sweep, train  # noqa: E402
 from edgepopup_jax.configs import cifar10, default  # noqa: E402
+from edgepopup_jax.training import parallel, train  # noqa: E402
+from edgepopup_jax.planning import grid as grid_lib  # noqa: E402
+from edgepopup_jax.planning import sweep  # noqa: E402
 
 
 def machine() -> str:

@@ -1,4 +1,4 @@
-"""The batched mask selection (selection.py) vs the per-layer one, for ResNet-50 and WRN-50-2.
+"""The batched mask selection (core/selection.py) vs the per-layer one, for ResNet-50 and WRN-50-2.
 
     PYTHONPATH=. python benchmarks/selection.py time [--models resnet50,wide_resnet50_2] [--reps 5]
     PYTHONPATH=. python benchmarks/selection.py compiled [--targets gpu:h100:8,tpu:v5e:2x4]
@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from edgepopup_jax import masking, selection
+from edgepopup_jax.core import masking, selection
 from edgepopup_jax.models import get_model
 
 KEEP = 0.3
@@ -75,7 +75,7 @@ def time_selection(models, reps):
 @contextlib.contextmanager
 def per_layer_selection():
     """The trainer as it was: no masks collection, each layer selects its own mask."""
-    from edgepopup_jax import selection
+    from edgepopup_jax.core import selection
     original = selection.with_masks
     selection.with_masks = lambda variables, model, *args, **kwargs: variables
     try:
@@ -109,7 +109,7 @@ VARIANTS = {  # label: (context, counting passes incl. the > t and == t counts, 
 
 def compiled(models, target_specs):
     from edgepopup_jax.configs import imagenet
-    from edgepopup_jax import preflight, targets
+    from edgepopup_jax.planning import preflight, targets
     print("| model | target | selection | while loops | dependent passes | all-reduce ops (MiB) | "
           "selection reads per device | compile s |")
     print("|---" * 8 + "|")

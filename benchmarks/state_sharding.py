@@ -16,7 +16,7 @@ import os
 
 import jax
 
-from edgepopup_jax import preflight, targets
+from edgepopup_jax.planning import preflight, targets
 
 MODES = ("replicated", "fsdp")
 

@@ -2,13 +2,18 @@
 
 Find a subnetwork of a randomly weighted network by learning a score per weight and keeping
 the top keep_fraction of weights by |score| in every layer; the weights never train.
+
+The package by role (docs/ARCHITECTURE.md): core (the library), models, configs, training,
+subnet (the .subnet files and their commands), planning (sweeps, preflight). Importing it loads
+the library only: core, models and subnet's file I/O, no trainer dependencies.
 """
-from edgepopup_jax import inits, layers, masking, models, nnx_layers, subnet, summary
-from edgepopup_jax.layers import NonAffineBatchNorm, SubnetConv, SubnetDense
-from edgepopup_jax.masking import kept_count, supermask, topk_mask
+from edgepopup_jax import models, subnet
+from edgepopup_jax.core import inits, layers, masking, nnx_layers, summary
+from edgepopup_jax.core.layers import NonAffineBatchNorm, SubnetConv, SubnetDense
+from edgepopup_jax.core.masking import kept_count, supermask, topk_mask
+from edgepopup_jax.core.summary import format_table, layer_stats
 from edgepopup_jax.models import get_model
 from edgepopup_jax.subnet import load_subnet, read_subnet, save_subnet, size_report
-from edgepopup_jax.summary import format_table, layer_stats
 
 __version__ = "0.1.0"
 __all__ = ["inits", "layers", "masking", "models", "nnx_layers", "subnet", "summary",

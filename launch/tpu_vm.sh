@@ -4,7 +4,7 @@
 #   launch/tpu_vm.sh TPU_NAME ZONE configs/imagenet_wrn50.py gs://bucket/wrn50 [--config.x=y ...]
 #
 # Every worker runs the same main.py --multihost; jax.distributed.initialize() finds the other
-# workers by itself on Cloud TPU (see edgepopup_jax/sharding.py). The workdir must be shared by all
+# workers by itself on Cloud TPU (see edgepopup_jax/training/sharding.py). The workdir must be shared by all
 # workers (a gs:// bucket), and ImageNet must be prepared for tfds in a bucket the workers read
 # (--config.data.data_dir=gs://bucket/tensorflow_datasets). Re-running the same command resumes.
 set -euo pipefail

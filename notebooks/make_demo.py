@@ -39,8 +39,10 @@ import jax, jax.numpy as jnp, numpy as np
 import matplotlib.pyplot as plt
 from IPython.display import Image, display
 import edgepopup_jax as ep
-from edgepopup_jax import evaluate, export, grid, sweep, train
 from edgepopup_jax.configs import cifar10, default
+from edgepopup_jax.training import train
+from edgepopup_jax.subnet import evaluate, export
+from edgepopup_jax.planning import grid, sweep
 
 SMOKE = os.environ.get("EDGEPOPUP_NOTEBOOK_SMOKE") == "1"  # the test suite's small, offline settings
 WORKDIR = pathlib.Path("edgepopup_runs")  # runs resume from here when the notebook is run again
@@ -120,9 +122,9 @@ if panels == 2:
     im = axes[0][1].imshow(m.mean(axis=1).reshape(28, 28), cmap="viridis")
     axes[0][1].set(title="kept fraction per input pixel"); fig.colorbar(im, ax=axes[0][1])
 plt.tight_layout(); plt.show()"""),
-    md("## Accuracy against keep_fraction: a small sweep\n`edgepopup_jax.sweep` runs a grid "
-       "(here 5 keep fractions, one seed) in sub-directories, resumable, and draws mean ± std over "
-       "seeds. From a shell: `python -m edgepopup_jax.sweep --config=configs/default.py "
+    md("## Accuracy against keep_fraction: a small sweep\n`edgepopup_jax.planning.sweep` runs a "
+       "grid (here 5 keep fractions, one seed) in sub-directories, resumable, and draws mean ± std over "
+       "seeds. From a shell: `python -m edgepopup_jax.planning.sweep --config=configs/default.py "
        "--workdir=runs/k --sweep=model.keep_fraction=0.1,0.3,0.5,0.7,0.9 --seeds=0,1,2`."),
     code("""ks = "0.5,0.9" if SMOKE else "0.1,0.3,0.5,0.7,0.9"
 k_grid = grid.Grid((grid.parse_sweep(f"model.keep_fraction={ks}", config),), seeds=(0,))

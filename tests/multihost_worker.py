@@ -40,7 +40,7 @@ def main(argv):
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=address, num_processes=int(num_processes),
                                process_id=int(process_id), initialization_timeout=120)
-    from edgepopup_jax import train
+    from edgepopup_jax.training import train
 
     stop_after = os.environ.get("MULTIHOST_STOP_AFTER")
     results = train.train_and_evaluate(worker_config(), workdir,

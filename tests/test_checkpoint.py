@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from edgepopup_jax import checkpoint as ckpt_lib
+from edgepopup_jax.training import checkpoint as ckpt_lib
 
 # A ResNet run's model meta as written before mask_scope and bn_running_var existed.
 OLD_RESNET = {"name": "cifar_resnet18", "keep_fraction": 0.5, "mask": "edge_popup",

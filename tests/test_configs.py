@@ -20,7 +20,8 @@ from ml_collections import config_flags
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from edgepopup_jax import inits, input_pipeline, masking, optim, train  # noqa: E402
+from edgepopup_jax.core import inits, masking  # noqa: E402
+from edgepopup_jax.training import input_pipeline, optim, train  # noqa: E402
 
 CONFIG_FILES = sorted(p.name for p in (ROOT / "configs").glob("*.py")
                       if "def get_config" in p.read_text())

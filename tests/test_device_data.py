@@ -1,4 +1,4 @@
-"""Tests for edgepopup_jax.device_data: the in-memory, TensorFlow-free data path."""
+"""Tests for edgepopup_jax.training.device_data: the in-memory, TensorFlow-free data path."""
 
 import functools
 import os
@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from edgepopup_jax import device_data as dd
-from edgepopup_jax import input_pipeline as ip
+from edgepopup_jax.training import device_data as dd
+from edgepopup_jax.training import input_pipeline as ip
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # chi-square critical values at p = 1e-4 (scipy.stats.chi2.isf(1e-4, dof)): lenient, fixed thresholds
@@ -482,7 +482,7 @@ class NoTensorFlow:
 
 sys.meta_path.insert(0, NoTensorFlow())
 import ml_collections
-from edgepopup_jax import device_data as dd
+from edgepopup_jax.training import device_data as dd
 try:
     import tensorflow
 except ImportError:

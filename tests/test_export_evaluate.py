@@ -11,7 +11,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from edgepopup_jax.configs import default  # noqa: E402
-from edgepopup_jax import evaluate, export, train  # noqa: E402
+from edgepopup_jax.training import train  # noqa: E402
+from edgepopup_jax.subnet import evaluate, export  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -48,16 +49,16 @@ def test_command_line_tools(trained, tmp_path):
     _, workdir, results = trained
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
     out = tmp_path / "cli.subnet"
-    subprocess.run([sys.executable, "-m", "edgepopup_jax.export", f"--workdir={workdir}",
+    subprocess.run([sys.executable, "-m", "edgepopup_jax.subnet.export", f"--workdir={workdir}",
                     f"--out={out}"], cwd=ROOT, env=env, check=True, capture_output=True)
     assert out.exists()
-    p = subprocess.run([sys.executable, "-m", "edgepopup_jax.evaluate", f"--subnet={out}",
+    p = subprocess.run([sys.executable, "-m", "edgepopup_jax.subnet.evaluate", f"--subnet={out}",
                         "--config=configs/default.py"], cwd=ROOT, env=env, capture_output=True,
                        text=True)
     assert p.returncode == 0, p.stderr
     assert f"top-1 {results['eval']['top1']:.4f}" in p.stdout
     assert "total" in p.stdout
-    p = subprocess.run([sys.executable, "-m", "edgepopup_jax.export", f"--workdir={tmp_path}/none",
-                        f"--out={tmp_path}/x.subnet"], cwd=ROOT, env=env, capture_output=True, text=True)
+    p = subprocess.run([sys.executable, "-m", "edgepopup_jax.subnet.export",
+                        f"--workdir={tmp_path}/none", f"--out={tmp_path}/x.subnet"], cwd=ROOT, env=env, capture_output=True, text=True)
     assert p.returncode == 2 and "no checkpoint" in p.stderr
     assert not (tmp_path / "x.subnet").exists()

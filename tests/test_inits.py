@@ -1,4 +1,5 @@
-"""Tests of edgepopup_jax.inits: the paper's weight distributions, their scaled variants, score init."""
+"""Tests of edgepopup_jax.core.inits: the paper's weight distributions, their scaled variants,
+score init."""
 import math
 
 import numpy as np
@@ -7,8 +8,8 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from edgepopup_jax import inits
-from edgepopup_jax.layers import SubnetConv, SubnetDense
+from edgepopup_jax.core import inits
+from edgepopup_jax.core.layers import SubnetConv, SubnetDense
 
 FAN_IN, FAN_OUT = 288, 64  # e.g. a 3x3 conv 32 -> 64 (fan_out = 9 * 64 = 576 in a layer; free here)
 BIG = (512, 1024)  # 524,288 samples: std error of a std estimate ~0.1%

@@ -1,4 +1,5 @@
-"""Tests for edgepopup_jax.input_pipeline (no downloads: mnist5k, generated folders, tfds mocks)."""
+"""Tests for edgepopup_jax.training.input_pipeline (no downloads: mnist5k, generated folders,
+tfds mocks)."""
 
 import hashlib
 import itertools
@@ -12,7 +13,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from edgepopup_jax import input_pipeline as ip
+from edgepopup_jax.training import input_pipeline as ip
 
 CIFAR_ZIP = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10_png.zip"
 
@@ -460,7 +461,7 @@ HIDE_GPU_ON_FIRST_USE = """
 import tensorflow
 calls = []
 tensorflow.config.set_visible_devices = lambda devices, kind: calls.append((list(devices), kind))
-from edgepopup_jax import input_pipeline
+from edgepopup_jax.training import input_pipeline
 assert calls == [], calls  # importing the module does not touch TensorFlow
 input_pipeline.tf.data  # the first use resolves the lazy import
 assert ([], "GPU") in calls, calls

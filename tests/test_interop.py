@@ -4,9 +4,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from edgepopup_jax import masking, selection, subnet
-from edgepopup_jax.interop import hidden_networks as hn
+from edgepopup_jax.core import masking, selection
 from edgepopup_jax.models import get_model
+from edgepopup_jax.subnet import io as subnet
+from edgepopup_jax.subnet.interop import hidden_networks as hn
 
 torch = pytest.importorskip("torch")
 nn = torch.nn

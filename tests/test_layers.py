@@ -1,4 +1,4 @@
-"""Tests of edgepopup_jax.layers: SubnetDense, SubnetConv, NonAffineBatchNorm."""
+"""Tests of edgepopup_jax.core.layers: SubnetDense, SubnetConv, NonAffineBatchNorm."""
 import numpy as np
 import optax
 import pytest
@@ -6,9 +6,9 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from edgepopup_jax import layers
-from edgepopup_jax.layers import NonAffineBatchNorm, SubnetConv, SubnetDense
-from edgepopup_jax.masking import kept_count
+from edgepopup_jax.core import layers
+from edgepopup_jax.core.layers import NonAffineBatchNorm, SubnetConv, SubnetDense
+from edgepopup_jax.core.masking import kept_count
 
 
 def np_topk_mask(scores, k):

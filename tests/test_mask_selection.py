@@ -6,8 +6,8 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from edgepopup_jax import masking
-from edgepopup_jax.masking import SELECTION_METHODS, kept_count, topk_mask_reference
+from edgepopup_jax.core import masking
+from edgepopup_jax.core.masking import SELECTION_METHODS, kept_count, topk_mask_reference
 
 KEEPS = (0.01, 0.3, 0.5, 0.99)
 # tiny, tie blocks of 1024 (+1), 3-digit radix; 2-digit radix (>= 2**20) in the large test

@@ -1,12 +1,13 @@
-"""Tests of edgepopup_jax.masking: the exact top-k mask, its straight-through gradient, supermask."""
+"""Tests of edgepopup_jax.core.masking: the exact top-k mask, its straight-through gradient,
+supermask."""
 import numpy as np
 import pytest
 
 import jax
 import jax.numpy as jnp
 
-from edgepopup_jax import masking
-from edgepopup_jax.masking import (kept_count, supermask, topk_mask, topk_mask_forward,
+from edgepopup_jax.core import masking
+from edgepopup_jax.core.masking import (kept_count, supermask, topk_mask, topk_mask_forward,
                                    topk_mask_reference)
 
 KEEPS = (0.01, 0.1, 0.3, 0.5, 0.7, 0.99, 1.0)
@@ -305,7 +306,7 @@ def test_supermask_errors():
 
 
 def test_layer_mask_dispatches_by_mode():
-    from edgepopup_jax.masking import layer_mask
+    from edgepopup_jax.core.masking import layer_mask
     s = jax.random.normal(jax.random.PRNGKey(3), (7, 9))
     np.testing.assert_array_equal(np.asarray(layer_mask(s, "edge_popup", 0.3)),
                                   np.asarray(topk_mask_reference(s, 0.3)))

@@ -20,8 +20,8 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from edgepopup_jax import checkpoint as ckpt_lib  # noqa: E402
-from edgepopup_jax import input_pipeline, optim, sharding, train  # noqa: E402
+from edgepopup_jax.training import checkpoint as ckpt_lib  # noqa: E402
+from edgepopup_jax.training import input_pipeline, optim, sharding, train  # noqa: E402
 
 _spec = importlib.util.spec_from_file_location("multihost_worker", ROOT / "tests" / "multihost_worker.py")
 _worker = importlib.util.module_from_spec(_spec)
@@ -163,7 +163,7 @@ def test_resume_across_process_counts_says_the_data_order_changed(tmp_path):
     the run must go on from the exact saved step and say so in results.json, and the checkpoint
     meta records the process count. (Same count on resume, no change reported: the test above.)
     """
-    from edgepopup_jax import checkpoint as ckpt_lib
+    from edgepopup_jax.training import checkpoint as ckpt_lib
 
     config = worker_config()
     config.num_train_steps = 6

@@ -6,9 +6,9 @@ import optax
 import pytest
 from flax import nnx
 
-from edgepopup_jax import layers as linen_layers
-from edgepopup_jax import masking, nnx_layers
-from edgepopup_jax.inits import WEIGHT_INITS
+from edgepopup_jax.core import layers as linen_layers
+from edgepopup_jax.core import masking, nnx_layers
+from edgepopup_jax.core.inits import WEIGHT_INITS
 
 K = 0.3
 

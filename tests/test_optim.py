@@ -1,5 +1,5 @@
-"""edgepopup_jax.optim: learning rates at chosen steps, hand-computed from the reference's formulas,
-and weight decay applied to the scores only.
+"""edgepopup_jax.training.optim: learning rates at chosen steps, hand-computed from the reference's
+formulas, and weight decay applied to the scores only.
 
 The reference (allenai/hidden-networks, utils/schedulers.py, called at the start of each epoch in
 main.py) sets lr = base * (epoch + 1) / warmup during warm-up, then
@@ -12,9 +12,9 @@ import jax
 import numpy as np
 import pytest
 
-from edgepopup_jax import optim, train
-from edgepopup_jax.configs.base import get_base
 from edgepopup_jax.models import get_model
+from edgepopup_jax.configs.base import get_base
+from edgepopup_jax.training import optim, train
 
 
 def optim_config(**overrides):

@@ -34,10 +34,11 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from edgepopup_jax import evaluate, export, inits, input_pipeline, layers, masking, optim  # noqa: E402
-from edgepopup_jax import selection, train  # noqa: E402
-from edgepopup_jax.configs import base, default  # noqa: E402
+from edgepopup_jax.core import inits, layers, masking, selection  # noqa: E402
 from edgepopup_jax.models import resnet  # noqa: E402
+from edgepopup_jax.configs import base, default  # noqa: E402
+from edgepopup_jax.training import input_pipeline, optim, train  # noqa: E402
+from edgepopup_jax.subnet import evaluate, export  # noqa: E402
 
 STEPS = 3
 RESNET = "cifar_resnet18"

@@ -30,7 +30,7 @@ for name in {blocked!r}:
     sys.modules[name] = None  # importing it now raises ImportError, as where it is not installed
 import jax, jax.numpy as jnp, numpy as np
 import edgepopup_jax as ep
-from edgepopup_jax import nnx_layers
+from edgepopup_jax.core import nnx_layers
 model = ep.get_model("fc", keep_fraction=0.3)
 variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
 logits = jax.jit(model.apply)(variables, jnp.ones((2, 28, 28, 1)))

@@ -12,8 +12,9 @@ import jax
 import numpy as np
 import pytest
 
-from edgepopup_jax import grid, parallel, sweep
 from edgepopup_jax.configs import default
+from edgepopup_jax.training import parallel
+from edgepopup_jax.planning import grid, sweep
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -237,7 +238,7 @@ def test_a_group_killed_or_stopped_resumes_as_if_never_interrupted(tmp_path):
 
 
 def test_tensorboard_events_without_tensorflow(tmp_path):
-    from edgepopup_jax.metric_writer import MetricWriter
+    from edgepopup_jax.training.metric_writer import MetricWriter
     writer = MetricWriter(str(tmp_path), tensorflow=False)
     writer.scalars(1, {"train/loss": 2.5})
     writer.scalars(7, {"train/loss": 1.25, "eval/top1": 0.5})

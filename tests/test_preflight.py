@@ -17,7 +17,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from edgepopup_jax.configs import cifar10_conv4  # noqa: E402
-from edgepopup_jax import preflight, targets, train  # noqa: E402
+from edgepopup_jax.training import train  # noqa: E402
+from edgepopup_jax.planning import preflight, targets  # noqa: E402
 
 needs_tpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
                                reason="libtpu not installed (pip install -e .[preflight])")
@@ -126,8 +127,8 @@ def test_bad_targets_are_refused_with_the_allowed_ones():
 
 def _cli(*args):
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    return subprocess.run([sys.executable, "-m", "edgepopup_jax.preflight", *args], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run([sys.executable, "-m", "edgepopup_jax.planning.preflight", *args],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
 def test_cli_bad_target_exits_2():
@@ -154,8 +155,8 @@ def test_a_group_of_runs_compiles_for_one_h100_with_its_data_and_the_largest_gro
     """A group's step holds every run's state and the data set on the device: memory and FLOPs
     grow with the runs, the data is counted once, and the search finds the exact largest group
     (here the limit is shrunk so that a few runs fill it)."""
-    from edgepopup_jax import device_data
     from edgepopup_jax.configs import default
+    from edgepopup_jax.training import device_data
     c = default.get_config()
     target = targets.parse_target("gpu:h100:1")
     one = preflight.analyse_group(c, 1, target, log=lambda s: None)

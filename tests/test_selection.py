@@ -1,4 +1,4 @@
-"""The batched mask selection (selection.py): exact against a sort for every model's layers,
+"""The batched mask selection (core/selection.py): exact against a sort for every model's layers,
 ties and bf16 included; the global scope; split over 8 devices; one loop on accelerators."""
 import functools
 import pathlib
@@ -15,8 +15,9 @@ from jax.sharding import PartitionSpec
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from edgepopup_jax import evaluation, masking, selection, sharding, train  # noqa: E402
+from edgepopup_jax.core import masking, selection  # noqa: E402
 from edgepopup_jax.models import MODEL_NAMES, get_model  # noqa: E402
+from edgepopup_jax.training import evaluation, sharding, train  # noqa: E402
 
 
 def sort_reference(scores: np.ndarray, keep_fraction: float) -> np.ndarray:

@@ -10,9 +10,10 @@ from jax.sharding import PartitionSpec
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from edgepopup_jax import checkpoint as ckpt_lib  # noqa: E402
-from edgepopup_jax import grid, input_pipeline, sharding, train  # noqa: E402
 from edgepopup_jax.configs import default  # noqa: E402
+from edgepopup_jax.training import checkpoint as ckpt_lib  # noqa: E402
+from edgepopup_jax.training import input_pipeline, sharding, train  # noqa: E402
+from edgepopup_jax.planning import grid  # noqa: E402
 
 
 def _specs(shapes: dict, num_devices: int, mode: str) -> dict:

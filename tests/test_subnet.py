@@ -7,9 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from edgepopup_jax import inits, masking, subnet
-from edgepopup_jax.inits import WEIGHT_INITS
+from edgepopup_jax.core import inits, masking
+from edgepopup_jax.core.inits import WEIGHT_INITS
 from edgepopup_jax.models import get_model
+from edgepopup_jax.subnet import io as subnet
 
 K = 0.3
 

@@ -1,13 +1,13 @@
-"""Tests of edgepopup_jax.summary: per-layer kept counts and the printed table."""
+"""Tests of edgepopup_jax.core.summary: per-layer kept counts and the printed table."""
 import numpy as np
 import pytest
 
 import jax
 import jax.numpy as jnp
 
-from edgepopup_jax.masking import kept_count
+from edgepopup_jax.core.masking import kept_count
+from edgepopup_jax.core.summary import LayerStats, format_table, layer_stats
 from edgepopup_jax.models import get_model
-from edgepopup_jax.summary import LayerStats, format_table, layer_stats
 
 CONV4_LAYERS = {  # name: kernel shape
     "conv0": (3, 3, 3, 64), "conv1": (3, 3, 64, 64), "conv2": (3, 3, 64, 128), "conv3": (3, 3, 128, 128),

@@ -11,9 +11,10 @@ import jax
 import numpy as np
 import pytest
 
-from edgepopup_jax import grid as grid_lib
-from edgepopup_jax import paper_figures, sweep, train
 from edgepopup_jax.configs import default
+from edgepopup_jax.training import train
+from edgepopup_jax.planning import grid as grid_lib
+from edgepopup_jax.planning import paper_figures, sweep
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -149,8 +150,9 @@ def test_a_value_the_model_refuses_fails_before_any_run(tmp_path):
 
 def test_cli_bad_spec_is_a_clear_error(tmp_path):
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.run([sys.executable, "-m", "edgepopup_jax.sweep", f"--config={ROOT / 'configs/default.py'}",
-                           f"--workdir={tmp_path}", "--sweep=model.weight_inti=kaiming_normal"],
+    proc = subprocess.run([sys.executable, "-m", "edgepopup_jax.planning.sweep",
+                           f"--config={ROOT / 'configs/default.py'}", f"--workdir={tmp_path}",
+                           "--sweep=model.weight_inti=kaiming_normal"],
                           capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
     assert proc.returncode == 2, proc.stderr
     assert "error: unknown config key 'model.weight_inti'" in proc.stderr

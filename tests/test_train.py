@@ -18,8 +18,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from edgepopup_jax.configs import default  # noqa: E402
-from edgepopup_jax import checkpoint as ckpt_lib  # noqa: E402
-from edgepopup_jax import evaluation, grid, input_pipeline, train  # noqa: E402
+from edgepopup_jax.training import checkpoint as ckpt_lib  # noqa: E402
+from edgepopup_jax.training import evaluation, input_pipeline, train  # noqa: E402
+from edgepopup_jax.planning import grid  # noqa: E402
 
 
 def small_config(**overrides):
@@ -231,7 +232,7 @@ def test_any_device_count_trains_evaluates_checkpoints_and_resumes(tmp_path, mod
 
 
 def test_eval_batch_is_split_for_any_mesh():
-    from edgepopup_jax import sharding
+    from edgepopup_jax.training import sharding
     for n, expect in ((1, 500), (3, 501), (6, 504), (7, 504), (8, 504)):
         mesh = sharding.make_mesh(jax.devices()[:n])
         assert sharding.eval_batch_sizes(500, mesh) == (expect, expect)  # (this process, global)
@@ -407,8 +408,8 @@ def test_resnet_evaluation_uses_the_running_batchnorm_statistics():
     eval-mode reference, example by example, whatever the rest of the batch holds."""
     import ml_collections
 
-    from edgepopup_jax import sharding
     from edgepopup_jax.models import get_model
+    from edgepopup_jax.training import sharding
 
     k, n = 0.5, 6
     model = get_model("cifar_resnet18", stage_sizes=(1, 1), width=0.125, keep_fraction=k)

@@ -5,7 +5,7 @@ the command line: --config.model.keep_fraction=0.3, --config.optim.learning_rate
 """
 import ml_collections
 
-from edgepopup_jax import options
+from edgepopup_jax.core import options
 
 CIFAR_MEAN = (0.491, 0.482, 0.447)  # the reference's (its data/cifar.py)
 CIFAR_STD = (0.247, 0.243, 0.262)
@@ -19,7 +19,8 @@ def get_base() -> ml_collections.ConfigDict:
 
     c.model = ml_collections.ConfigDict()
     c.model.name = "conv4"
-    # keep_fraction, weight_init, mask, ...: their defaults, allowed values and docs are in options.py
+    # keep_fraction, weight_init, mask, ...: their defaults, allowed values and docs are in
+    # core/options.py
     c.model.update(options.DEFAULTS)
     c.model.dense_first = False
     c.model.dense_last = False

@@ -7,7 +7,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from edgepopup_jax.options import FIELDS, EdgePopupOptions, check_options
+from edgepopup_jax.core.options import FIELDS, EdgePopupOptions, check_options
 
 
 class MaskedModel(nn.Module, EdgePopupOptions):

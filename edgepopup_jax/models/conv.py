@@ -7,7 +7,7 @@ from typing import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from edgepopup_jax.layers import SubnetConv, SubnetDense
+from edgepopup_jax.core.layers import SubnetConv, SubnetDense
 from edgepopup_jax.models.base import MaskedModel
 
 

@@ -7,7 +7,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from edgepopup_jax.layers import NonAffineBatchNorm, SubnetConv, SubnetDense
+from edgepopup_jax.core.layers import NonAffineBatchNorm, SubnetConv, SubnetDense
 from edgepopup_jax.models.base import MaskedModel
 
 BN_RUNNING_VARS = ("unbiased", "biased")

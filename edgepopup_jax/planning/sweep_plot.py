@@ -10,7 +10,7 @@ import itertools
 
 import numpy as np
 
-from edgepopup_jax.grid import Grid
+from edgepopup_jax.planning.grid import Grid
 
 
 def _x_positions(labels: list[str]) -> tuple[list[float], bool]:

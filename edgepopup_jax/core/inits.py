@@ -11,7 +11,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from edgepopup_jax.masking import check_keep_fraction
+from edgepopup_jax.core.masking import check_keep_fraction
 
 WEIGHT_INITS = ("kaiming_normal", "signed_constant", "kaiming_uniform", "xavier_normal",
                 "unsigned_constant")

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec
 
-from edgepopup_jax import masking
+from edgepopup_jax.core import masking
 
 MASK_SCOPES = ("layer", "global")
 MASKS = "masks"  # the variable collection the layers read their precomputed mask from

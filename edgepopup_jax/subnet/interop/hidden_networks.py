@@ -11,7 +11,7 @@ the convs gets its input rows permuted from the reference's (C, H, W) flatten or
 mask="dense" baseline, whose BN is affine).
 
 CLI:
-    python -m edgepopup_jax.interop.hidden_networks --checkpoint=model_best.pth \\
+    python -m edgepopup_jax.subnet.interop.hidden_networks --checkpoint=model_best.pth \\
         --arch=WideResNet50_2 --keep_fraction=0.3 --out=wrn50.subnet
 """
 from __future__ import annotations
@@ -103,7 +103,7 @@ def convert_state_dict(state_dict: dict, arch: str, *, keep_fraction: float, wid
     import jax
     import jax.numpy as jnp
 
-    from edgepopup_jax import masking
+    from edgepopup_jax.core import masking
     from edgepopup_jax.models import get_model
 
     if arch not in ARCHS:
@@ -244,7 +244,7 @@ def import_checkpoint(path: str, arch: str, *, keep_fraction: float, width: floa
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m edgepopup_jax.interop.hidden_networks",
+    ap = argparse.ArgumentParser(prog="python -m edgepopup_jax.subnet.interop.hidden_networks",
                                  description=__doc__.split("\n\n")[0])
     ap.add_argument("--checkpoint", required=True, help="the reference's .pth (e.g. model_best.pth)")
     ap.add_argument("--arch", required=True, choices=sorted(ARCHS))
@@ -272,7 +272,7 @@ def main(argv=None) -> int:
             os.replace(tmp, args.out)
             print(f"wrote {args.out}: Flax variables of {name} {options}")
         else:
-            from edgepopup_jax import subnet
+            from edgepopup_jax.subnet import io as subnet
 
             stats = subnet.save_subnet(args.out, model_name=name, model_options=options, variables=variables)
             print(f"wrote {args.out}: {name} {options}, {stats['subnet_bytes']:,} bytes "

@@ -12,7 +12,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from edgepopup_jax import input_pipeline, masking, selection, sharding
+from edgepopup_jax.core import masking, selection
+from edgepopup_jax.training import input_pipeline, sharding
 
 # supermask_eval="sample" evaluates one sampled subnetwork, the same in every batch and every
 # evaluation, on every device (the other modes draw nothing from this key).

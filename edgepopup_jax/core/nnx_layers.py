@@ -15,8 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from edgepopup_jax import inits, masking, options
-from edgepopup_jax.layers import _padding, _tuple, conv_channels_last
+from edgepopup_jax.core import inits, masking, options
+from edgepopup_jax.core.layers import _padding, _tuple, conv_channels_last
 
 
 class FrozenWeight(nnx.Variable):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import types
 
-from edgepopup_jax import inits, masking, selection
+from edgepopup_jax.core import inits, masking, selection
 
 MASK_MODES = ("edge_popup", "supermask", "dense")
 

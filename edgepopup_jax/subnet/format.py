@@ -14,7 +14,7 @@ File layout (all integers little-endian):
 
 A masked layer stores its mask as 1 bit per weight and its kept weights in one of three
 encodings (`pack_layer`); a dense layer its whole kernel; extra arrays (BN state) whole. This
-module knows bytes and arrays only; `subnet.py` converts between files and models.
+module knows bytes and arrays only; `io.py` converts between files and models.
 """
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ import re
 import numpy as np
 from jax.sharding import Mesh
 
-from edgepopup_jax.sharding import DATA_AXIS
+from edgepopup_jax.training.sharding import DATA_AXIS
 
 GiB = 2**30
 

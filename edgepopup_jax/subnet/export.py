@@ -1,6 +1,6 @@
 """Exports the subnetwork found by a training run as a compact .subnet file.
 
-  python -m edgepopup_jax.export --workdir=runs/conv4 --out=conv4.subnet [--step=N]
+  python -m edgepopup_jax.subnet.export --workdir=runs/conv4 --out=conv4.subnet [--step=N]
 """
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ import sys
 
 from absl import app, flags
 
-from edgepopup_jax import checkpoint as ckpt_lib
-from edgepopup_jax import subnet
+from edgepopup_jax.training import checkpoint as ckpt_lib
+from edgepopup_jax.training import command
+from edgepopup_jax.subnet import io as subnet
 
 FLAGS = flags.FLAGS
 
@@ -51,6 +52,11 @@ def main(argv):
     return 0
 
 
-if __name__ == "__main__":
+def cli():
+    """`python -m edgepopup_jax.subnet.export` and the `edgepopup-export` console script."""
     _define_flags()
-    app.run(lambda argv: sys.exit(main(argv)))
+    command.run(main, sys.modules[__name__])
+
+
+if __name__ == "__main__":
+    cli()

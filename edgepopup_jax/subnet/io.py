@@ -11,7 +11,7 @@ the default): the architecture with mask="dense" (plain kernels W * mask) and th
 model's BN kind, reproducing the trained model's eval logits bit for bit.
 
 This module converts between variables/models and files; the bytes (layout, checksums,
-encodings, typed header entries) are `subnet_format.py`. Files are written to a temporary file
+encodings, typed header entries) are `format.py`. Files are written to a temporary file
 in the same directory and renamed into place.
 """
 from __future__ import annotations
@@ -27,11 +27,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from edgepopup_jax import masking, selection
-from edgepopup_jax import subnet_format as fmt
-from edgepopup_jax.options import DEFAULTS as LAYER_OPTION_DEFAULTS
-from edgepopup_jax.subnet_format import (FORMAT_VERSION, MAGIC, SubnetFile, pack_layer,  # noqa: F401
-                                         unpack_layer)
+from edgepopup_jax.core import masking, selection
+from edgepopup_jax.core.options import DEFAULTS as LAYER_OPTION_DEFAULTS
+from edgepopup_jax.subnet import format as fmt
+from edgepopup_jax.subnet.format import (FORMAT_VERSION, MAGIC, SubnetFile,  # noqa: F401
+                                         pack_layer, unpack_layer)
 
 SUFFIX = ".subnet"
 

@@ -13,9 +13,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from edgepopup_jax import inits, masking, selection
-from edgepopup_jax.options import EdgePopupOptions, check_options
-from edgepopup_jax.options import MASK_MODES  # noqa: F401 (re-exported: layers.MASK_MODES)
+from edgepopup_jax.core import inits, masking, selection
+from edgepopup_jax.core.options import EdgePopupOptions, check_options
+from edgepopup_jax.core.options import MASK_MODES  # noqa: F401 (re-exported: layers.MASK_MODES)
 
 FROZEN = "frozen"
 

@@ -23,12 +23,12 @@ import optax
 from absl import logging
 from etils import epath
 
-from edgepopup_jax import checkpoint as ckpt_lib
-from edgepopup_jax import (evaluation, files, input_pipeline, masking, optim, selection, sharding,
-                           summary)
-from edgepopup_jax.metric_writer import MetricWriter
+from edgepopup_jax.core import masking, selection, summary
 from edgepopup_jax.models import get_model
-from edgepopup_jax.preemption import Preemption
+from edgepopup_jax.training import checkpoint as ckpt_lib
+from edgepopup_jax.training import evaluation, files, input_pipeline, optim, sharding
+from edgepopup_jax.training.metric_writer import MetricWriter
+from edgepopup_jax.training.preemption import Preemption
 
 
 @flax.struct.dataclass

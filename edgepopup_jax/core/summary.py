@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from edgepopup_jax import masking, selection
+from edgepopup_jax.core import masking, selection
 
 
 @dataclasses.dataclass(frozen=True)

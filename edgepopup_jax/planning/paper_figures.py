@@ -1,4 +1,4 @@
-"""The paper's figures as sweep grids: `python -m edgepopup_jax.sweep --figure=NAME`.
+"""The paper's figures as sweep grids: `python -m edgepopup_jax.planning.sweep --figure=NAME`.
 
 Each has the paper's grid and recipe (the config it starts from), 5 seeds on CIFAR-10 as the
 paper (1 on ImageNet), and the dense baselines with learned weights (the "Learned Dense
@@ -12,7 +12,7 @@ from typing import Any, Callable
 import ml_collections
 
 from edgepopup_jax.configs import cifar10, imagenet
-from edgepopup_jax.grid import Dim, Grid, Point
+from edgepopup_jax.planning.grid import Dim, Grid, Point
 
 KEEP_FRACTIONS = (0.1, 0.3, 0.5, 0.7, 0.9)  # the paper's k in [10, 30, 50, 70, 90] %
 CIFAR_SEEDS = (0, 1, 2, 3, 4)

@@ -1,8 +1,8 @@
 """Check a run on a TPU or GPU before booking it, from a CPU-only machine.
 
-  python -m edgepopup_jax.preflight --config=configs/imagenet_wrn50.py --target=tpu:v5e:2x4
-  python -m edgepopup_jax.preflight --config=configs/imagenet_resnet50.py --target=gpu:h100:8
-  python -m edgepopup_jax.preflight --config=configs/cifar10.py:conv4 --target=gpu:h100:1 \\
+  python -m edgepopup_jax.planning.preflight --config=configs/imagenet_wrn50.py --target=tpu:v5e:2x4
+  python -m edgepopup_jax.planning.preflight --config=configs/imagenet_resnet50.py --target=gpu:h100:8
+  python -m edgepopup_jax.planning.preflight --config=configs/cifar10.py:conv4 --target=gpu:h100:1 \\
       --parallel_runs=50        # a group of 50 runs in one program (parallel.train_group)
 
 Compiles the trainer's own train and eval steps (train.make_steps: the same functions, shardings,
@@ -27,7 +27,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from edgepopup_jax import input_pipeline, sharding, targets, train
+from edgepopup_jax.training import command, input_pipeline, sharding, train
+from edgepopup_jax.planning import targets
 
 GiB = 2**30
 
@@ -376,7 +377,7 @@ class GroupReport:
 
 
 def _group_info(config):
-    from edgepopup_jax import device_data
+    from edgepopup_jax.training import device_data
     device_data.check_device_augment(config.data.augment)
     info = input_pipeline.get_info(config.data, prepared=False)
     if info.num_train:
@@ -391,7 +392,8 @@ def _group_info(config):
 
 
 def _group(config, runs: int, info):
-    from edgepopup_jax import grid, parallel
+    from edgepopup_jax.training import parallel
+    from edgepopup_jax.planning import grid
     configs = [grid.with_overrides(config, {"seed": config.seed + i}) for i in range(runs)]
     return parallel.make_group(configs, info)
 
@@ -399,7 +401,7 @@ def _group(config, runs: int, info):
 def _group_arguments(group, mesh, with_sharding: bool = True):
     """Abstract (states, alive, permutations, step, data) of a group's train step, and the eval
     step's (variables, counts, eval_data), placed as parallel.train_group places them."""
-    from edgepopup_jax import parallel
+    from edgepopup_jax.training import parallel
     from jax.sharding import NamedSharding, PartitionSpec
     runs = NamedSharding(mesh, PartitionSpec(parallel.RUNS_AXIS)) if with_sharding else None
     repl = NamedSharding(mesh, PartitionSpec()) if with_sharding else None
@@ -430,7 +432,7 @@ def _group_arguments(group, mesh, with_sharding: bool = True):
 def compile_group(config, runs: int, target: targets.Target, info=None):
     """The compiled train and eval steps of a group of `runs` runs of config (seeds seed,
     seed + 1, ...) for target: (train, eval, group, mesh)."""
-    from edgepopup_jax import parallel
+    from edgepopup_jax.training import parallel
     info = info or _group_info(config)[0]
     group = _group(config, runs, info)
     mesh = parallel.make_mesh(runs, config.batch_size, target.mesh.devices.flat,
@@ -441,7 +443,7 @@ def compile_group(config, runs: int, target: targets.Target, info=None):
 
 def group_flops(group) -> float:
     """The group step's FLOPs from XLA's cost analysis, lowered for the CPU."""
-    from edgepopup_jax import parallel
+    from edgepopup_jax.training import parallel
     from jax.sharding import Mesh
     cpu = Mesh(np.asarray(jax.devices("cpu")[:1]).reshape(1, 1),
                (parallel.RUNS_AXIS, parallel.DATA_AXIS))
@@ -452,7 +454,7 @@ def group_flops(group) -> float:
 
 def analyse_group(config, runs: int, target: targets.Target, log=print) -> GroupReport:
     """Compiles the train and eval steps of a group of `runs` runs for target and measures them."""
-    from edgepopup_jax import device_data
+    from edgepopup_jax.training import device_data
     info, sizes = _group_info(config)
     t = time.time()
     log(f"compiling the step of a group of {runs} {config.model.name} runs, batch "
@@ -611,8 +613,12 @@ def _define_flags():
     flags.mark_flags_as_required(["config", "target"])
 
 
-if __name__ == "__main__":
-    from absl import app
+def cli():
+    """`python -m edgepopup_jax.planning.preflight` and the `edgepopup-preflight` console script."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     _define_flags()
-    app.run(lambda argv: sys.exit(main(argv)))
+    command.run(main, sys.modules[__name__])
+
+
+if __name__ == "__main__":
+    cli()

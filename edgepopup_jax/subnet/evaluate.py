@@ -1,7 +1,7 @@
 """Evaluates a subnet file or a training checkpoint on a config's eval split.
 
-  python -m edgepopup_jax.evaluate --subnet=conv4.subnet --config=configs/cifar10_conv4.py
-  python -m edgepopup_jax.evaluate --workdir=runs/conv4 --config=configs/cifar10_conv4.py
+  python -m edgepopup_jax.subnet.evaluate --subnet=conv4.subnet --config=configs/cifar10_conv4.py
+  python -m edgepopup_jax.subnet.evaluate --workdir=runs/conv4 --config=configs/cifar10_conv4.py
 
 Prints a per-layer table of kept weights and top-1 / top-5 over the whole eval split, computed
 by the trainer's own eval step (so the numbers are the ones the trainer reported).
@@ -24,8 +24,10 @@ def _define_flags():  # only when run as a program, so importing this module def
 
 def load(subnet_path: str | None = None, workdir: str | None = None):
     """(model, variables, per-layer stats) from a subnet file or a training workdir."""
-    from edgepopup_jax import export, subnet, summary
+    from edgepopup_jax.core import summary
     from edgepopup_jax.models import get_model
+    from edgepopup_jax.subnet import export
+    from edgepopup_jax.subnet import io as subnet
 
     if (subnet_path is None) == (workdir is None):
         raise ValueError("give exactly one of --subnet and --workdir")
@@ -46,7 +48,7 @@ def evaluate(config, subnet_path: str | None = None, workdir: str | None = None,
     """Returns ({top1, top5, loss, count}, per-layer stats)."""
     import jax
 
-    from edgepopup_jax import evaluation, input_pipeline, sharding
+    from edgepopup_jax.training import evaluation, input_pipeline, sharding
 
     info = input_pipeline.get_info(config.data)
     model, variables, rows = load(subnet_path, workdir)
@@ -63,7 +65,7 @@ def evaluate(config, subnet_path: str | None = None, workdir: str | None = None,
 
 def main(argv):
     del argv
-    from edgepopup_jax import summary
+    from edgepopup_jax.core import summary
 
     if FLAGS.config is None:
         raise app.UsageError("--config is required (its data section names the eval split)")
@@ -78,6 +80,12 @@ def main(argv):
     return 0
 
 
-if __name__ == "__main__":
+def cli():
+    """`python -m edgepopup_jax.subnet.evaluate` and the `edgepopup-evaluate` console script."""
+    from edgepopup_jax.training import command
     _define_flags()
-    app.run(lambda argv: sys.exit(main(argv)))
+    command.run(main, sys.modules[__name__])
+
+
+if __name__ == "__main__":
+    cli()

@@ -17,6 +17,7 @@ that every run of it saved.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import math
@@ -34,12 +35,11 @@ from absl import logging
 from etils import epath
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from edgepopup_jax import checkpoint as ckpt_lib
-from edgepopup_jax import (device_data, evaluation, files, input_pipeline, masking, optim,
-                           selection, summary, train)
-from edgepopup_jax import grid as grid_lib
-from edgepopup_jax.metric_writer import MetricWriter
-from edgepopup_jax.preemption import Preemption
+from edgepopup_jax.core import masking, selection, summary
+from edgepopup_jax.training import checkpoint as ckpt_lib
+from edgepopup_jax.training import device_data, evaluation, files, input_pipeline, optim, train
+from edgepopup_jax.training.metric_writer import MetricWriter
+from edgepopup_jax.training.preemption import Preemption
 
 RUNS_AXIS, DATA_AXIS = "runs", "data"
 # The config fields the runs of one group may differ in; every other field must be equal.
@@ -533,13 +533,19 @@ def pipeline_for(config: ml_collections.ConfigDict, devices=None) -> str:
     return device_data.resolve_pipeline(config.data, None, devices)
 
 
+def _with_seed(config: ml_collections.ConfigDict, seed: int) -> ml_collections.ConfigDict:
+    config = copy.deepcopy(config)
+    config.seed = seed
+    return config
+
+
 def seed_workdirs(config: ml_collections.ConfigDict, workdir: str) -> tuple[list, list]:
     """config.parallel_runs configs with seeds seed, seed + 1, ..., and their workdir/seed_<s>."""
     n = config.get("parallel_runs", 1)
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"parallel_runs must be a whole number >= 1, got {n!r}")
     seeds = [config.seed + i for i in range(n)]
-    return ([grid_lib.with_overrides(config, {"seed": s}) for s in seeds],
+    return ([_with_seed(config, s) for s in seeds],
             [os.path.join(str(workdir), f"seed_{s}") for s in seeds])
 
 

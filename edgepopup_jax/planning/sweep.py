@@ -1,10 +1,10 @@
 """Sweeps: one command for a grid of runs, with a results table and a figure.
 
-  python -m edgepopup_jax.sweep --config=configs/cifar10.py:conv4 --workdir=runs/k_sweep \\
+  python -m edgepopup_jax.planning.sweep --config=configs/cifar10.py:conv4 --workdir=runs/k_sweep \\
       --sweep=model.keep_fraction=0.1,0.3,0.5,0.7,0.9 \\
       --sweep=model.weight_init=kaiming_normal,signed_constant --seeds=0,1,2 [--config.num_epochs=10]
-  python -m edgepopup_jax.sweep --figure=keep_fraction --workdir=runs/fig3   # a paper figure
-  python -m edgepopup_jax.sweep --workdir=runs/k_sweep --plot_only          # redraw
+  python -m edgepopup_jax.planning.sweep --figure=keep_fraction --workdir=runs/fig3   # a paper figure
+  python -m edgepopup_jax.planning.sweep --workdir=runs/k_sweep --plot_only          # redraw
 
 Every --sweep is one dimension; every combination x seed is one run, trained by the trainer in
 workdir/runs/<name> with its own checkpoints. Rerunning the command resumes the interrupted run
@@ -26,9 +26,9 @@ from typing import Callable
 import ml_collections
 from etils import epath
 
-from edgepopup_jax import grid as grid_lib
-from edgepopup_jax import files, optim, paper_figures, sweep_plot, train
-from edgepopup_jax import parallel
+from edgepopup_jax.training import command, files, optim, parallel, train
+from edgepopup_jax.planning import grid as grid_lib
+from edgepopup_jax.planning import paper_figures, sweep_plot
 
 GRID_FILE, TABLE_FILE, FIGURE_FILE, STATUS_FILE = "sweep.json", "results.csv", "sweep.png", "sweep_status.json"
 RESULT_COLUMNS = ("seed", "baseline", "status", "top1", "top5", "weights_kept", "weights_total",
@@ -340,8 +340,12 @@ def main(argv) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    from absl import app
+def cli():
+    """`python -m edgepopup_jax.planning.sweep` and the `edgepopup-sweep` console script."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     _define_flags()
-    app.run(lambda argv: sys.exit(main(argv)))
+    command.run(main, sys.modules[__name__])
+
+
+if __name__ == "__main__":
+    cli()

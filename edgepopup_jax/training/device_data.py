@@ -38,7 +38,7 @@ import numpy as np
 from absl import logging
 from jax import lax
 
-from edgepopup_jax import input_pipeline
+from edgepopup_jax.training import input_pipeline
 
 PIPELINES = ("auto", "device", "tf_data")
 DEVICE_AUGMENTS = ("none", "cifar")
