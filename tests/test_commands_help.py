@@ -97,3 +97,45 @@ def test_help_exits_0_and_lists_the_main_flags(helps, label):
     missing = [f for f in _flags_of(label)
                if not re.search(rf"^\s+--(\[no\])?{f[2:]}\b", text, re.M)]
     assert not missing, f"{label} --help does not list {missing}:\n{text[-3000:]}"
+
+
+# A mistyped flag or value, on every command that reads one: (label, argv, what the line names)
+TYPOS = [
+    ("main.py key", ["main.py", "--config=configs/default.py", "--workdir=/nonexistent/w",
+                     "--config.model.keep_fractio=0.3"], "closest: model.keep_fraction"),
+    ("main.py value", ["main.py", "--config=configs/default.py", "--workdir=/nonexistent/w",
+                       "--config.model.keep_fraction=abc"], "model.keep_fraction takes a float"),
+    ("main.py int", ["main.py", "--config=configs/default.py", "--workdir=/nonexistent/w",
+                     "--config.batch_size=1.5"], "batch_size takes an int"),
+    ("sweep key", ["-m", "edgepopup_jax.planning.sweep", "--config=configs/default.py",
+                   "--workdir=/nonexistent/w", "--config.data.pipelin=device"],
+     "closest: data.pipeline"),
+    ("sweep value", ["-m", "edgepopup_jax.planning.sweep", "--config=configs/default.py",
+                     "--workdir=/nonexistent/w", "--parallel_runs=many"], "parallel_runs"),
+    ("preflight key", ["-m", "edgepopup_jax.planning.preflight", "--config=configs/default.py",
+                       "--target=gpu:h100:1", "--config.optim.learning_rat=1"],
+     "closest: optim.learning_rate"),
+    ("preflight value", ["-m", "edgepopup_jax.planning.preflight", "--config=configs/default.py",
+                         "--target=gpu:h100:1", "--config.num_epochs=ten"], "num_epochs takes a float"),
+    ("evaluate key", ["-m", "edgepopup_jax.subnet.evaluate", "--config=configs/default.py",
+                      "--workdir=/nonexistent/w", "--config.eval_batch_siz=5"],
+     "closest: eval_batch_size"),
+    ("export flag", ["-m", "edgepopup_jax.subnet.export", "--workdr=/nonexistent/w"],
+     "Did you mean: workdir"),
+    ("export value", ["-m", "edgepopup_jax.subnet.export", "--workdir=/nonexistent/w", "--step=x"],
+     "step"),
+]
+
+
+def test_a_mistyped_flag_or_value_is_one_line_and_exit_2():
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "2", "XLA_FLAGS": "",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    procs = {label: subprocess.Popen([sys.executable, *argv], cwd=ROOT, env=env, text=True,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for label, argv, _ in TYPOS}
+    for label, _, names in TYPOS:
+        out, err = procs[label].communicate(timeout=240)
+        lines = [line for line in err.splitlines() if line.startswith("error:")]
+        assert procs[label].returncode == 2, (label, err[-2000:])
+        assert "Traceback" not in err and len(lines) == 1, (label, err[-2000:])
+        assert names in lines[0], (label, lines[0])

@@ -41,7 +41,7 @@ def get_base() -> ml_collections.ConfigDict:
     # folder of small images, small tfds sets), shuffled and augmented there, no TensorFlow for
     # mnist5k/npz/folder; tf_data: the host pipeline (ImageNet, multi-host, fsdp); auto: device
     # when the data fits in device_memory_fraction of a device's memory and nothing needs tf_data
-    c.data.pipeline = "tf_data"
+    c.data.pipeline = "auto"
     c.data.device_memory_fraction = 0.25
 
     c.optim = ml_collections.ConfigDict()
@@ -60,8 +60,8 @@ def get_base() -> ml_collections.ConfigDict:
     c.optim.label_smoothing = 0.0
 
     c.batch_size = 128  # global, over all devices and processes
-    # Runs trained at once as one program (device data path): main.py trains seeds seed,
-    # seed + 1, ... into workdir/seed_<s>; the sweep groups its grid points (--parallel_runs).
+    # main.py: train seeds seed, seed + 1, ... as one program (device data path) into
+    # workdir/seed_<s>; a sweep groups its grid points with its own --parallel_runs instead.
     c.parallel_runs = 1
     c.parallel_split = "runs"  # what the devices split: runs (each device its own runs) | data
     c.state_sharding = "replicated"  # replicated | fsdp: large arrays of the train state split over the devices

@@ -41,6 +41,9 @@ class Stopped(Exception):
 
 def check_config(config: ml_collections.ConfigDict) -> None:
     """What can be checked without data: the model's options and the optimizer's."""
+    if config.get("parallel_runs", 1) != 1:
+        raise ValueError(f"parallel_runs={config.parallel_runs} is main.py's (seeds of one config); "
+                         "a sweep groups its grid points with --parallel_runs=R")
     train.build_model(config, num_classes=10)
     optim.make_optimizer(config.optim, optim.learning_rate_schedule(config.optim, 100, 10))
 
@@ -159,8 +162,9 @@ def _start(base, grid: grid_lib.Grid, workdir: str, worker: int, num_workers: in
 
 def run_sweep(base: ml_collections.ConfigDict, grid: grid_lib.Grid, workdir: str, *, worker: int = 0,
               num_workers: int = 1, say: Callable[[str], None] = print,
-              train_fn=train.train_and_evaluate) -> list[dict]:
-    """Trains this worker's runs of the grid that have not finished; returns all finished rows.
+              train_fn=parallel.train_config) -> list[dict]:
+    """Trains this worker's runs of the grid that have not finished, one after another (each on
+    the pipeline its config resolves to); returns all finished rows.
 
     Every run's config is checked before the first run starts. Raises ValueError for a bad
     grid or config, Stopped when a run is stopped (SIGTERM): rerun the same command to resume.
@@ -295,9 +299,9 @@ def _define_flags():
     flags.DEFINE_list("baseline_over", [], "Swept keys the baselines vary over (default: none).")
     flags.DEFINE_integer("worker", 0, "This worker's index, 0 <= worker < num_workers.")
     flags.DEFINE_integer("num_workers", 1, "Workers sharing the sweep.")
-    flags.DEFINE_integer("parallel_runs", None, "Train up to this many runs at once, as one program "
-                         "with the data on the device (runs that share the model, data and "
-                         "batch; default: the config's parallel_runs).")
+    flags.DEFINE_integer("parallel_runs", 1, "Train up to this many runs at once, as one program "
+                         "with the data on the device (grid points that share the model, data "
+                         "and batch are grouped).")
     flags.DEFINE_bool("plot_only", False, "Only rewrite results.csv and sweep.png from finished runs.")
     flags.DEFINE_bool("verbose", False, "Show the trainer's log lines (steps, evaluations).")
     flags.mark_flags_as_required(["workdir"])
@@ -325,9 +329,8 @@ def main(argv) -> int:
             base = grid_lib.with_overrides(base, paper_figures.FIGURES[FLAGS.figure].fixed)
         grid = make_grid(base, FLAGS.sweep, FLAGS.seeds, FLAGS.figure, FLAGS.baseline,
                          FLAGS.baseline_over)
-        parallel_runs = FLAGS.parallel_runs or base.get("parallel_runs", 1)
-        if parallel_runs > 1:
-            run_sweep_parallel(base, grid, FLAGS.workdir, parallel_runs=parallel_runs,
+        if FLAGS.parallel_runs != 1:
+            run_sweep_parallel(base, grid, FLAGS.workdir, parallel_runs=FLAGS.parallel_runs,
                                worker=FLAGS.worker, num_workers=FLAGS.num_workers)
         else:
             run_sweep(base, grid, FLAGS.workdir, worker=FLAGS.worker, num_workers=FLAGS.num_workers)
