@@ -13,7 +13,14 @@
 #    ImageNet models first, and it stops after STEP_BUDGET_S seconds, so a slow compile still
 #    returns the rows finished by then.
 #
-# 2. The paper's Fig. 3 Conv4 panel at its full recipe (100 epochs; k in {0.3, 0.5, 0.7} x
+# 2. A group's step against a run's alone, one call: carry [".whl"], timeout_s 600,
+#      bash benchmarks/device_run.sh groups
+#    Conv4 in bf16 on random CIFAR-shaped pixels (nothing to carry): per-run and total images/s
+#    alone and in groups of 4 and 30 (GROUPS), written to $OUT/groups.md. On XLA:CPU a group's
+#    convolutions (vmap: one grouped convolution) cost 3.7x R separate ones; this is where a GPU
+#    says what they cost there.
+#
+# 3. The paper's Fig. 3 Conv4 panel at its full recipe (100 epochs; k in {0.3, 0.5, 0.7} x
 #    {signed constant, kaiming normal} x 5 seeds = 30 runs) in one group, on the real CIFAR-10.
 #    One call carries at most 64 MiB, CIFAR-10 is ~130 MiB compressed: split it here first,
 #      .venv/bin/python benchmarks/cifar_carry.py split --zip ../shared/data/cifar10_png.zip
@@ -62,6 +69,12 @@ steps)
         --models "${MODELS:-resnet50,wide_resnet50_2,conv4,cifar_resnet18}" "${@:2}" 2>&1 \
         | tee "$out/accelerator.md"
     ;;
+groups)
+    install_wheels
+    environment 2>&1 | tee "$out/env.txt"
+    timeout "${STEP_BUDGET_S:-450}" python3 benchmarks/parallel_runs.py conv --model conv4 \
+        --dtype bfloat16 --steps "${STEPS:-90}" --groups "${GROUPS:-4,30}" 2>&1 | tee "$out/groups.md"
+    ;;
 cifar_part)
     part=${2:?usage: device_run.sh cifar_part N}
     [ -d "$carry_dir/$part" ] || { echo "carry $carry_dir/$part with this call"; exit 1; }
@@ -98,5 +111,5 @@ EOF
     exit "$status"
     ;;
 *)
-    echo "usage: device_run.sh [steps | cifar_part N | fig3]"; exit 2 ;;
+    echo "usage: device_run.sh [steps | groups | cifar_part N | fig3]"; exit 2 ;;
 esac

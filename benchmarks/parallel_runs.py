@@ -3,15 +3,17 @@
   PYTHONPATH=. .venv/bin/python benchmarks/parallel_runs.py grid [--epochs 20] [--groups 11,33]
       the README's FC/MNIST-5k grid (k x init x 3 seeds + 3 dense baselines = 33 runs): the
       sweep as it trains today vs --parallel_runs=R; wall time, speed-up, mean top-1
-  PYTHONPATH=. .venv/bin/python benchmarks/parallel_runs.py conv2 --data_dir=/tmp/cifar [--steps 30]
+  PYTHONPATH=. .venv/bin/python benchmarks/parallel_runs.py conv --data_dir=/tmp/cifar [--steps 30]
       Conv2 on the real CIFAR-10 (an image folder): per-run images/s alone (tf.data; device
-      data) vs in a group of 4 (device data)
+      data) vs in a group of 4 (device data); --model, --groups 4,30, --dtype bfloat16; without
+      --data_dir, random pixels of CIFAR's shape (a GPU with nothing carried)
 
 Each variant trains in a new temporary workdir in this one process, one after the other, so
 background load hits them alike only roughly: compare the ratios within one run.
 """
 import argparse
 import functools
+import importlib.util
 import os
 import pathlib
 import platform
@@ -83,20 +85,36 @@ def grid_benchmark(args):
         print(f"| {name} | {count} | {seconds:.0f} | {rows[0][2] / seconds:.2f}x | {top1:.4f} |")
 
 
-def conv2_benchmark(args):
-    c = cifar10.get_config("conv2")
-    c.data.name, c.data.data_dir = "folder", args.data_dir
+def _synthetic_cifar(path: str) -> str:
+    """A CIFAR-10-shaped .npz of random pixels (for timing only: no download, no carry)."""
+    rng = np.random.default_rng(0)
+    np.savez(path, train_images=rng.integers(0, 256, (50_000, 32, 32, 3), np.uint8),
+             train_labels=rng.integers(0, 10, 50_000), test_images=rng.integers(
+                 0, 256, (10_000, 32, 32, 3), np.uint8), test_labels=rng.integers(0, 10, 10_000))
+    return path
+
+
+def conv_benchmark(args):
+    c = cifar10.get_config(args.model)
     c.num_train_steps = args.steps
-    c.log_every_steps = args.steps // 3
+    c.log_every_steps = max(args.steps // 3, 1)
     c.eval_every_steps = c.checkpoint_every_steps = 10**9  # eval and save once, at the end
     c.eval_batch_size = 1000
+    c.model.compute_dtype = args.dtype
     rows = []
     with tempfile.TemporaryDirectory() as workdir:
+        if args.data_dir:
+            c.data.name, c.data.data_dir = "folder", args.data_dir
+        else:
+            c.data.name, c.data.data_dir = "npz", _synthetic_cifar(os.path.join(workdir, "c.npz"))
         cache = os.path.join(workdir, "cache")
-        solo = train.train_and_evaluate(c, os.path.join(workdir, "tf"), devices=jax.devices()[:1])
-        rows.append(("alone, tf.data", 1, solo["images_per_sec"]))
+        if args.data_dir and importlib.util.find_spec("tensorflow") is not None:
+            tf_config = grid_lib.with_overrides(c, {"data.pipeline": "tf_data"})
+            solo = train.train_and_evaluate(tf_config, os.path.join(workdir, "tf"),
+                                            devices=jax.devices()[:1])
+            rows.append(("alone, tf.data", 1, solo["images_per_sec"]))
         device = grid_lib.with_overrides(c, {"data.pipeline": "device"})
-        for r in (1, args.group):
+        for r in (1, *args.groups):
             configs = [grid_lib.with_overrides(device, {"seed": s}) for s in range(r)]
             results = parallel.train_group(configs, [os.path.join(workdir, f"g{r}", str(s))
                                                      for s in range(r)],
@@ -104,12 +122,14 @@ def conv2_benchmark(args):
             rows.append((f"{'alone' if r == 1 else f'in a group of {r}'}, device data", r,
                          results[0]["images_per_sec"]))
             print(f"  group of {r}: {results[0]['images_per_sec']:.0f} images/s per run", flush=True)
-    print(f"\nConv2 on CIFAR-10 (image folder), batch {c.batch_size}, {args.steps} steps "
+    data = "CIFAR-10 (image folder)" if args.data_dir else "random CIFAR-shaped pixels"
+    print(f"\n{args.model} on {data}, batch {c.batch_size}, {args.dtype}, {args.steps} steps "
           f"(images/s: median of the log intervals after the first); {machine()}\n")
-    print("| how | runs | images/s per run | images/s in all | per run vs alone (tf.data) |\n"
-          "| --- | ---: | ---: | ---: | ---: |")
+    base = rows[0][2]
+    print("| how | runs | images/s per run | images/s in all | per run vs first row | in all vs first row |\n"
+          "| --- | ---: | ---: | ---: | ---: | ---: |")
     for name, r, rate in rows:
-        print(f"| {name} | {r} | {rate:.0f} | {rate * r:.0f} | {rate / rows[0][2]:.2f}x |")
+        print(f"| {name} | {r} | {rate:.0f} | {rate * r:.0f} | {rate / base:.2f}x | {rate * r / base:.2f}x |")
 
 
 def main():
@@ -118,13 +138,16 @@ def main():
     g = sub.add_parser("grid", help="the FC/MNIST-5k grid: sweep vs --parallel_runs")
     g.add_argument("--epochs", type=float, default=20.0)
     g.add_argument("--groups", type=lambda s: [int(x) for x in s.split(",")], default=[11, 33])
-    c = sub.add_parser("conv2", help="Conv2 on CIFAR-10: per-run images/s alone vs in a group")
-    c.add_argument("--data_dir", required=True, help="the unzipped CIFAR-10 folder (train/, test/)")
+    c = sub.add_parser("conv", help="a conv net on CIFAR-10: per-run images/s alone vs in groups")
+    c.add_argument("--model", default="conv2")
+    c.add_argument("--data_dir", default=None, help="the unzipped CIFAR-10 folder (train/, "
+                   "test/); default: random pixels of its shape")
     c.add_argument("--steps", type=int, default=30)
-    c.add_argument("--group", type=int, default=4)
+    c.add_argument("--groups", type=lambda s: [int(x) for x in s.split(",")], default=[4])
+    c.add_argument("--dtype", default="float32")
     args = parser.parse_args()
     logging.set_verbosity(logging.WARNING)
-    grid_benchmark(args) if args.what == "grid" else conv2_benchmark(args)
+    grid_benchmark(args) if args.what == "grid" else conv_benchmark(args)
 
 
 if __name__ == "__main__":
