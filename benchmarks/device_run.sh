@@ -100,12 +100,15 @@ fig3)
     python3 - "$workdir" > "$out/progress.txt" <<'EOF'
 import json, pathlib, sys
 for run in sorted(pathlib.Path(sys.argv[1], "runs").glob("*")):
+    if (run / "results.json").exists():  # finished, or stopped with its results written
+        r = json.loads((run / "results.json").read_text())
+        print(run.name, "step", r["step"], "of", r["total_steps"], "top-1", (r["eval"] or {}).get("top1"))
+        continue
     meta = sorted((run / "checkpoints").glob("[0-9]*/meta/metadata"), key=lambda p: int(p.parts[-3]))
     if not meta:
         print(run.name, "no checkpoint"); continue
-    history = json.loads(meta[-1].read_text()).get("history", {})
-    evals = history.get("eval") or [{}]
-    print(run.name, "step", meta[-1].parts[-3], "top-1", evals[-1].get("top1"))
+    evals = json.loads(meta[-1].read_text()).get("history", {}).get("eval") or [{}]
+    print(run.name, "step", meta[-1].parts[-3], "last top-1", evals[-1].get("top1"))
 EOF
     cat "$out/progress.txt"
     exit "$status"
