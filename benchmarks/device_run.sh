@@ -22,7 +22,7 @@
 #
 # 3. The paper's Fig. 3 Conv4 panel at its full recipe (100 epochs; k in {0.3, 0.5, 0.7} x
 #    {signed constant, kaiming normal} x 5 seeds = 30 runs) in one group, on the real CIFAR-10.
-#    One call carries at most 64 MiB, CIFAR-10 is ~130 MiB compressed: split it here first,
+#    One call carries at most 64 MiB, CIFAR-10 is 161 MiB as a compressed .npz: split it here first,
 #      .venv/bin/python benchmarks/cifar_carry.py split --zip ../shared/data/cifar10_png.zip
 #    (-> .carry/cifar10/0, 1, 2), then call, each within 30 s of the last (the machine stays
 #    warm that long, and /tmp with it):
