@@ -18,11 +18,12 @@ from edgepopup_jax.planning import grid, sweep
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
-# Four runs that differ in everything a group allows: seed, keep fraction, weight init, learning
-# rate, weight decay.
+# Four runs that differ in everything a group allows: seed, keep fraction, weight init, mask
+# scope (the global top-k), learning rate, weight decay.
 RUNS = ({"seed": 0},
         {"seed": 1, "model.keep_fraction": 0.3},
-        {"seed": 2, "model.weight_init": "kaiming_normal", "optim.learning_rate": 0.05},
+        {"seed": 2, "model.weight_init": "kaiming_normal", "optim.learning_rate": 0.05,
+         "model.mask_scope": "global"},
         {"seed": 3, "model.keep_fraction": 0.7, "optim.weight_decay": 0.0})
 
 
@@ -75,6 +76,9 @@ def test_a_run_in_a_group_trains_as_it_would_alone(group_of_four, tmp_path):
         assert saved["config"] == json.loads(json.dumps(c.to_dict())) and saved["step"] == 12
     kept = [r["weights_kept"] for r in results]
     assert kept == [133_100, 79_860, 133_100, 186_340]  # 266,200 weights at k = 0.5, 0.3, 0.5, 0.7
+    per_layer = [[x["kept"] for x in r["layers"]] for r in results]
+    assert per_layer[0] == [117_600, 15_000, 500]  # k = 0.5 in every layer
+    assert per_layer[2] != per_layer[0]  # the global top-k: one threshold over all layers
 
 
 def test_a_stopped_group_resumes_to_the_same_numbers(group_of_four, tmp_path):
@@ -130,8 +134,8 @@ def test_devices_split_the_runs_or_the_batch(group_of_four, tmp_path):
 def test_configs_that_cannot_share_a_program_are_refused(tmp_path):
     with pytest.raises(parallel.GroupError, match="batch_size"):
         parallel.train_group([config(), config(batch_size=32)], [str(tmp_path / "a"), str(tmp_path / "b")])
-    with pytest.raises(parallel.GroupError, match="model.mask_scope"):
-        parallel.check_group([config(), config(**{"model.mask_scope": "global"})])
+    with pytest.raises(parallel.GroupError, match="model.mask "):
+        parallel.check_group([config(), config(**{"model.mask": "supermask"})])
     with pytest.raises(ValueError, match="parallel_split"):
         parallel.make_mesh(2, 64, one_device(), "both")
     with pytest.raises(ValueError, match="a sweep groups its grid points with --parallel_runs"):

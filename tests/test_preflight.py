@@ -166,7 +166,10 @@ def test_a_group_of_runs_compiles_for_one_h100_with_its_data_and_the_largest_gro
     assert one.train.argument > one.data_bytes and four.mesh == {"runs": 1, "data": 1}
     per_run = (four.train.argument - one.train.argument) / 3
     assert per_run >= 4 * 266_200 * 3  # scores, frozen weights, momentum: float32 each
-    np.testing.assert_allclose(four.flops_per_step, 4 * one.flops_per_step, rtol=0.05)
+    np.testing.assert_allclose(four.flops_per_step, 4 * one.flops_per_step, rtol=1e-9)
+    # A run's step in a group does the arithmetic of the trainer's own step (train.train_step),
+    # plus the gather and the selection's bookkeeping: within 5%.
+    np.testing.assert_allclose(one.flops_per_step, preflight.train_flops(c, target), rtol=0.05)
     limit = max(one.train.peak, one.eval.peak) + 3 * per_run + 2**20  # room for about 4 runs
     target = dataclasses.replace(target, usable_bytes=int(limit))
     lo, hi = preflight.max_runs(c, target, (4, max(four.train, four.eval, key=lambda m: m.peak)),

@@ -417,7 +417,9 @@ def _group_arguments(group, mesh, with_sharding: bool = True):
     data = {"image": spec((n,) + shape, np.uint8, repl), "label": spec((n,), np.int32, repl),
             "seed": spec((r,), np.int32, runs), "learning_rate": spec((r,), np.float32, runs),
             "weight_decay": spec((r,), np.float32, runs),
-            "counts": spec(group.hyper["counts"].shape, np.int32, runs)}
+            "counts": {scope: spec(c.shape, np.int32, runs)
+                       for scope, c in group.hyper["counts"].items()},
+            "global": spec((r,), np.bool_, runs)}
     train_args = (states, spec((r,), np.bool_, runs), spec((r, n), np.int32, runs),
                   spec((), np.int32, repl), data)
     eval_batch = config.get("eval_batch_size") or config.batch_size
@@ -426,7 +428,8 @@ def _group_arguments(group, mesh, with_sharding: bool = True):
                  "label": spec((nb, eval_batch), np.int32, repl),
                  "valid": spec((nb, eval_batch), np.float32, repl)}
     variables = {k: getattr(states, k) for k in ("params", "frozen", "batch_stats")}
-    return steps, train_args, (variables, data["counts"], eval_data)
+    hyper = {k: data[k] for k in parallel.HYPER}
+    return steps, train_args, (variables, hyper, eval_data)
 
 
 def compile_group(config, runs: int, target: targets.Target, info=None):
@@ -442,14 +445,29 @@ def compile_group(config, runs: int, target: targets.Target, info=None):
 
 
 def group_flops(group) -> float:
-    """The group step's FLOPs from XLA's cost analysis, lowered for the CPU."""
+    """The group step's FLOPs: each run's step (XLA's cost analysis of the step of a group of
+    that one run, lowered for the CPU), summed over the runs. Not the whole group lowered at
+    once: on the CPU its selection runs the runs one after another in a loop, whose body the
+    cost analysis counts once."""
     from edgepopup_jax.training import parallel
     from jax.sharding import Mesh
     cpu = Mesh(np.asarray(jax.devices("cpu")[:1]).reshape(1, 1),
                (parallel.RUNS_AXIS, parallel.DATA_AXIS))
-    _, train_args, _ = _group_arguments(group, cpu, with_sharding=False)
-    fn = jax.jit(functools.partial(parallel.group_step, group=group, mesh=cpu))
-    return float(fn.trace(*train_args).lower(lowering_platforms=("cpu",)).cost_analysis()["flops"])
+    total = 0.0
+    for config in group.configs:
+        one = parallel.make_group([config], group.info)
+        _, train_args, _ = _group_arguments(one, cpu, with_sharding=False)
+        fn = jax.jit(functools.partial(parallel.group_step, group=one, mesh=cpu))
+        key = json.dumps({k: v for k, v in config.to_dict().items() if k != "seed"},
+                         sort_keys=True, default=str)
+        if key not in _FLOPS:  # runs differing only in seed do the same arithmetic
+            lowered = fn.trace(*train_args).lower(lowering_platforms=("cpu",))
+            _FLOPS[key] = float(lowered.cost_analysis()["flops"])
+        total += _FLOPS[key]
+    return total
+
+
+_FLOPS: dict = {}
 
 
 def analyse_group(config, runs: int, target: targets.Target, log=print) -> GroupReport:

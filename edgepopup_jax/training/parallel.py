@@ -44,8 +44,10 @@ from edgepopup_jax.training.preemption import Preemption
 RUNS_AXIS, DATA_AXIS = "runs", "data"
 # The config fields the runs of one group may differ in; every other field must be equal.
 VARYING = ("seed", "model.keep_fraction", "model.weight_init", "model.weight_init_mode",
-           "model.scale_by_keep_fraction", "optim.learning_rate", "optim.weight_decay")
-SPLITS = ("runs", "data")  # what the devices split: the runs (default) or every run's batch
+           "model.scale_by_keep_fraction", "model.mask_scope", "optim.learning_rate",
+           "optim.weight_decay")
+SPLITS = ("runs", "data")
+HYPER = ("learning_rate", "weight_decay", "counts", "global")  # Group.hyper's keys  # what the devices split: the runs (default) or every run's batch
 
 
 class GroupError(ValueError):
@@ -106,7 +108,13 @@ class Group:
     info: input_pipeline.DatasetInfo
     total_steps: int
     steps_per_epoch: int
-    hyper: dict  # per-run arrays: learning_rate, weight_decay [R] float32, counts [R, groups]
+    # per-run arrays: learning_rate, weight_decay [R] float32; counts {scope: [R, groups]}, the
+    # kept counts of each scope a run of the group uses; global [R] bool: the run's scope
+    hyper: dict
+
+    @property
+    def scopes(self) -> tuple:
+        return tuple(sorted(self.hyper["counts"]))
 
     @property
     def size(self) -> int:
@@ -132,12 +140,14 @@ def make_group(configs: list, info: input_pipeline.DatasetInfo) -> Group:
             raise ValueError(f"run {i}: {e}") from None
     models = tuple(train.build_model(c, info.num_classes) for c in configs)
     sizes = _layer_sizes(models[0], info.image_shape)
-    scope = models[0].mask_scope
-    counts = np.stack([selection.kept_counts(sizes, m.keep_fraction, scope) if sizes
-                       else np.zeros((1,), np.int32) for m in models])
+    # Each run selects in its own scope; a group of both scopes selects both ways for every run
+    # and keeps each run's own (jnp.where), so a run's masks are those it would have alone.
+    counts = {scope: np.stack([selection.kept_counts(sizes, m.keep_fraction, scope) if sizes
+                               else np.zeros((1,), np.int32) for m in models])
+              for scope in sorted({m.mask_scope for m in models})}
     hyper = {"learning_rate": np.array([c.optim.learning_rate for c in configs], np.float32),
              "weight_decay": np.array([c.optim.weight_decay for c in configs], np.float32),
-             "counts": counts}
+             "counts": counts, "global": np.array([m.mask_scope == "global" for m in models])}
     return Group(tuple(configs), models, info, plan.total_steps, plan.steps_per_epoch, hyper)
 
 
@@ -146,6 +156,16 @@ def run_optimizer(config, group: Group, learning_rate, weight_decay) -> optax.Gr
     schedule = optim.learning_rate_schedule(config.optim, group.total_steps, group.steps_per_epoch,
                                             learning_rate=learning_rate)
     return optim.make_optimizer(config.optim, schedule, weight_decay=weight_decay)
+
+
+def _masks(params, hyper, group: Group):
+    """One run's masks for its kept counts and scope (vmapped over the runs)."""
+    masks = {scope: selection.edge_popup_masks_for_counts(params, hyper["counts"][scope], scope)
+             for scope in group.scopes}
+    if len(masks) == 1:
+        return masks[group.scopes[0]]
+    return jax.tree.map(lambda g, l: jnp.where(hyper["global"], g, l), masks["global"],
+                        masks["layer"])
 
 
 def _run_step(state: train.TrainState, batch, hyper, alive, step, *, group: Group):
@@ -160,8 +180,7 @@ def _run_step(state: train.TrainState, batch, hyper, alive, step, *, group: Grou
     def loss_fn(params):
         variables = {**state.variables(), "params": params}
         if model.mask == "edge_popup":
-            variables[selection.MASKS] = selection.edge_popup_masks_for_counts(
-                params, hyper["counts"], model.mask_scope)
+            variables[selection.MASKS] = _masks(params, hyper, group)
         logits, updates = model.apply(variables, images, train=True, mutable=["batch_stats"],
                                       rngs={masking.SAMPLE_RNG: rng})
         loss = evaluation.cross_entropy(logits, batch["label"], group.info.num_classes,
@@ -191,17 +210,17 @@ def group_step(states, alive, permutations, step, data, *, group: Group, mesh: M
         data["image"], data["label"], permutations, data["seed"], epoch, index)
     batches = jax.lax.with_sharding_constraint(
         batches, NamedSharding(mesh, PartitionSpec(RUNS_AXIS, DATA_AXIS)))
-    hyper = {k: data[k] for k in ("learning_rate", "weight_decay", "counts")}
+    hyper = {k: data[k] for k in HYPER}
     return jax.vmap(functools.partial(_run_step, group=group), in_axes=(0, 0, 0, 0, None))(
         states, batches, hyper, alive, step)
 
 
-def _eval_run(variables, counts, eval_data, *, group: Group):
+def _eval_run(variables, hyper, eval_data, *, group: Group):
     """One run's sums over the eval split (vmapped over the runs): masks selected and folded
     once, then the eval step over every batch."""
     model = group.models[0]
     if model.mask == "edge_popup":
-        masks = selection.edge_popup_masks_for_counts(variables["params"], counts, model.mask_scope)
+        masks = _masks(variables["params"], hyper, group)
         variables = {**variables, selection.MASKS: selection.fold_into_kernels(variables["frozen"], masks)}
     step = functools.partial(evaluation.eval_step, model=model, num_classes=group.info.num_classes,
                              mean=tuple(group.configs[0].data.mean),
@@ -215,16 +234,16 @@ def _eval_run(variables, counts, eval_data, *, group: Group):
     return jax.lax.fori_loop(0, eval_data["label"].shape[0], body, zeros)
 
 
-def group_eval(variables, counts, eval_data, *, group: Group):
+def group_eval(variables, hyper, eval_data, *, group: Group):
     return jax.vmap(functools.partial(_eval_run, group=group), in_axes=(0, 0, None))(
-        variables, counts, eval_data)
+        variables, hyper, eval_data)
 
 
 @dataclasses.dataclass(frozen=True)
 class GroupSteps:
     init: tuple  # per run: seed -> TrainState (jitted, one per distinct model)
     train: Any  # (states, alive, permutations, step, data) -> (states, alive, metrics)
-    eval: Any  # (variables, counts, eval_data) -> per-run sums
+    eval: Any  # (variables, hyper, eval_data) -> per-run sums
     permutations: Any  # (seeds, epoch) -> [R, N] this epoch's order of every run
     state_sharding: Any
 
@@ -240,8 +259,7 @@ def make_steps(group: Group, mesh: Mesh) -> GroupSteps:
     repl = NamedSharding(mesh, PartitionSpec())
     abstract = jax.eval_shape(inits[group.models[0]], 0)
     state_sh = jax.tree.map(lambda _: runs, abstract)
-    data_sh = {"image": repl, "label": repl, "seed": runs, "learning_rate": runs,
-               "weight_decay": runs, "counts": runs}
+    data_sh = {"image": repl, "label": repl, "seed": runs, **{k: runs for k in HYPER}}
     train_fn = jax.jit(functools.partial(group_step, group=group, mesh=mesh),
                        in_shardings=(state_sh, runs, runs, repl, data_sh),
                        out_shardings=(state_sh, runs, runs), donate_argnums=(0, 1))
@@ -412,7 +430,7 @@ def train_group(configs: list, workdirs: list, *, devices=None, cache_dir: str |
     def evaluate():
         variables = {"params": states.params, "frozen": states.frozen,
                      "batch_stats": states.batch_stats}
-        sums = jax.device_get(steps.eval(variables, data["counts"], eval_data))
+        sums = jax.device_get(steps.eval(variables, {k: data[k] for k in HYPER}, eval_data))
         for r in live():
             count = max(float(sums["count"][r]), 1.0)
             result = {"top1": float(sums["top1"][r]) / count, "top5": float(sums["top5"][r]) / count,
