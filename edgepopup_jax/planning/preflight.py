@@ -83,8 +83,22 @@ def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
     return dict(out)
 
 
+class _Fits:
+    """What a report with train and eval Memory, an error and usable_bytes says of itself."""
+
+    @property
+    def fits(self) -> bool:
+        return self.error is None and max(self.train.peak, self.eval.peak) <= self.usable_bytes
+
+    def to_json(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.update(fits=self.fits, train_peak_bytes=self.train.peak if self.train else None,
+                 eval_peak_bytes=self.eval.peak if self.eval else None)
+        return d
+
+
 @dataclasses.dataclass
-class Report:
+class Report(_Fits):
     target: str
     device_kind: str
     num_devices: int
@@ -103,16 +117,6 @@ class Report:
     max_batch_exact: bool = True  # False: the search stopped at its compile limit
     no_fit_batch_per_device: int | None = None  # the smallest seen not to fit
     error: str | None = None  # the compiler's own refusal (TPU: out of HBM at compile time)
-
-    @property
-    def fits(self) -> bool:
-        return self.error is None and max(self.train.peak, self.eval.peak) <= self.usable_bytes
-
-    def to_json(self) -> dict:
-        d = dataclasses.asdict(self)
-        d.update(fits=self.fits, train_peak_bytes=self.train.peak if self.train else None,
-                 eval_peak_bytes=self.eval.peak if self.eval else None)
-        return d
 
 
 class DoesNotCompile(RuntimeError):
@@ -296,6 +300,19 @@ def _gib(b: int) -> str:
     return f"{b / GiB:.2f}"
 
 
+def _memory_lines(r, eval_name: str) -> list[str]:
+    """The per-device memory table of a report's train and eval steps."""
+    lines = ["", "per device, GiB      argument   output  (aliased)     temp     peak   fits"]
+    for name, m in (("train step", r.train), (eval_name, r.eval)):
+        if m is None:
+            lines.append(f"{name:<18} does not compile: {r.error}")
+            continue
+        lines.append(f"{name:<18} {_gib(m.argument):>10} {_gib(m.output):>8} {_gib(m.alias):>10} "
+                     f"{_gib(m.temp):>8} {_gib(m.peak):>8}   "
+                     f"{'yes' if m.peak <= r.usable_bytes else 'NO'}")
+    return lines
+
+
 def format_report(r: Report) -> str:
     usable = r.usable_bytes
     note = "" if usable == r.hbm_bytes else f" (XLA may use {_gib(usable)} GiB of {_gib(r.hbm_bytes)})"
@@ -304,15 +321,7 @@ def format_report(r: Report) -> str:
         f"{_gib(r.hbm_bytes)} GiB HBM per device{note}",
         f"model {r.model}: train batch {r.batch_size} ({r.batch_size // r.num_devices} per device), "
         f"eval batch {r.eval_batch_size} ({r.eval_batch_size // r.num_devices} per device)",
-        "",
-        "per device, GiB      argument   output  (aliased)     temp     peak   fits",
-    ]
-    for name, m in (("train step", r.train), ("eval step", r.eval)):
-        if m is None:
-            lines.append(f"{name:<18} does not compile: {r.error}")
-            continue
-        lines.append(f"{name:<18} {_gib(m.argument):>10} {_gib(m.output):>8} {_gib(m.alias):>10} "
-                     f"{_gib(m.temp):>8} {_gib(m.peak):>8}   {'yes' if m.peak <= usable else 'NO'}")
+    ] + _memory_lines(r, "eval step")
     per_device = r.flops_per_step / r.num_devices
     lines += ["", f"model FLOPs: {r.flops_per_step / 1e12:.2f} TFLOP per step, "
               f"{per_device / 1e12:.3f} TFLOP per device per step, "
@@ -343,7 +352,7 @@ KNOWN_SPLIT_SIZES = {"cifar10": (50_000, 10_000), "cifar100": (50_000, 10_000),
 
 
 @dataclasses.dataclass
-class GroupReport:
+class GroupReport(_Fits):
     target: str
     device_kind: str
     num_devices: int
@@ -364,16 +373,6 @@ class GroupReport:
     no_fit_runs: int | None = None
     max_runs_exact: bool = True
     error: str | None = None
-
-    @property
-    def fits(self) -> bool:
-        return self.error is None and max(self.train.peak, self.eval.peak) <= self.usable_bytes
-
-    def to_json(self) -> dict:
-        d = dataclasses.asdict(self)
-        d.update(fits=self.fits, train_peak_bytes=self.train.peak if self.train else None,
-                 eval_peak_bytes=self.eval.peak if self.eval else None)
-        return d
 
 
 def _group_info(config):
@@ -524,16 +523,7 @@ def format_group_report(r: GroupReport) -> str:
         f"device (XLA may use {_gib(r.usable_bytes)})",
         f"a group of {r.runs} {r.model} runs, batch {r.batch_size} per run, mesh {r.mesh}; the "
         f"data on every device: {r.data_bytes / 2**20:.1f} MiB (split sizes: {r.split_sizes})",
-        "",
-        "per device, GiB      argument   output  (aliased)     temp     peak   fits",
-    ]
-    for name, m in (("train step", r.train), ("eval (all batches)", r.eval)):
-        if m is None:
-            lines.append(f"{name:<18} does not compile: {r.error}")
-            continue
-        lines.append(f"{name:<18} {_gib(m.argument):>10} {_gib(m.output):>8} {_gib(m.alias):>10} "
-                     f"{_gib(m.temp):>8} {_gib(m.peak):>8}   "
-                     f"{'yes' if m.peak <= r.usable_bytes else 'NO'}")
+    ] + _memory_lines(r, "eval (all batches)")
     lines += ["", f"FLOPs (XLA's count): {r.flops_per_step / 1e9:.4g} GFLOP per group step "
               f"({r.flops_per_step / r.num_devices / 1e9:.4g} per device), "
               f"{r.flops_per_step / r.runs / r.batch_size / 1e6:.4g} MFLOP per image "

@@ -160,6 +160,15 @@ def _start(base, grid: grid_lib.Grid, workdir: str, worker: int, num_workers: in
     return runs, configs, mine, known
 
 
+def _finish(workdir, grid, base, known: dict, num_runs: int, say) -> list[dict]:
+    """The table and figure from every finished run, said in one line; the rows."""
+    rows = collect(workdir, grid, base, known)
+    write_outputs(workdir, grid, rows)
+    say(f"sweep: {len(rows)} of {num_runs} runs finished -> {epath.Path(workdir) / TABLE_FILE}, "
+        f"{epath.Path(workdir) / FIGURE_FILE}")
+    return rows
+
+
 def run_sweep(base: ml_collections.ConfigDict, grid: grid_lib.Grid, workdir: str, *, worker: int = 0,
               num_workers: int = 1, say: Callable[[str], None] = print,
               train_fn=parallel.train_config) -> list[dict]:
@@ -202,11 +211,7 @@ def run_sweep(base: ml_collections.ConfigDict, grid: grid_lib.Grid, workdir: str
             left = sum(r.name not in known for r in mine[i:])
             say(f"[{i}/{len(mine)}] {run.name}: top-1 {known[run.name]['top1']:.4f} in "
                 f"{time.time() - t0:.0f} s; {left} to go, ETA {_eta(seconds / trained * left)}")
-    rows = collect(workdir, grid, base, known)
-    write_outputs(workdir, grid, rows)
-    say(f"sweep: {len(rows)} of {len(runs)} runs finished -> {epath.Path(workdir) / TABLE_FILE}, "
-        f"{epath.Path(workdir) / FIGURE_FILE}")
-    return rows
+    return _finish(workdir, grid, base, known, len(runs), say)
 
 
 def _groups(runs: list[grid_lib.Run], configs: dict, size: int) -> list[list[grid_lib.Run]]:
@@ -256,11 +261,7 @@ def run_sweep_parallel(base: ml_collections.ConfigDict, grid: grid_lib.Grid, wor
         left = len(groups) - i
         say(f"[group {i}/{len(groups)}] done in {time.time() - t0:.0f} s; {left} group(s) to go, "
             f"ETA {_eta((time.time() - t_all) / i * left)}")
-    rows = collect(workdir, grid, base, known)
-    write_outputs(workdir, grid, rows)
-    say(f"sweep: {len(rows)} of {len(runs)} runs finished -> {epath.Path(workdir) / TABLE_FILE}, "
-        f"{epath.Path(workdir) / FIGURE_FILE}")
-    return rows
+    return _finish(workdir, grid, base, known, len(runs), say)
 
 
 def make_grid(config, sweeps: list[str], seeds: str | None, figure: str | None,
