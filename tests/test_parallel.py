@@ -261,3 +261,18 @@ def test_tensorboard_events_without_tensorflow(tmp_path):
     events.Reload()
     assert [(s.step, s.value) for s in events.Scalars("train/loss")] == [(1, 2.5), (7, 1.25)]
     assert [(s.step, s.value) for s in events.Scalars("eval/top1")] == [(7, 0.5)]
+
+
+def test_data_that_does_not_fit_the_device_stays_on_the_host_with_the_same_batches(group_of_four, tmp_path):
+    """device_memory_fraction too small for the data: it stays in host memory, every step's
+    batches are gathered and augmented there and sent; the runs train exactly as with the data
+    on the device."""
+    configs, _, results = group_of_four
+    host = [grid.with_overrides(c, {"data.device_memory_fraction": 1e-9}) for c in configs[:2]]
+    lines = []
+    got = parallel.train_group(host, [str(tmp_path / f"r{i}") for i in range(2)],
+                               devices=one_device(), say=lines.append)
+    assert any("the data stays in host memory" in line for line in lines)
+    for a, b in zip(got, results[:2]):
+        assert_same_run(a, b)
+        assert a["state_sha256"] == b["state_sha256"]

@@ -405,12 +405,19 @@ def resolve_pipeline(data_config, info, devices) -> str:
         except ValueError as e:
             reason, choice = f"not loadable in memory ({e})", "tf_data"
         else:
-            devices = [] if devices is None else list(np.ravel(np.asarray(devices, dtype=object)))
-            memory, where = _device_memory(devices[0] if devices else jax.local_devices()[0])
-            fraction = data_config.get("device_memory_fraction", 0.25)
-            size = nbytes(info)
-            choice = "device" if size <= fraction * memory else "tf_data"
-            reason = (f"{data_config.name!r} takes {size / 2**20:.1f} MiB, {'<=' if choice == 'device' else '>'} "
-                      f"{fraction:g} x {memory / 2**30:.1f} GiB of {where}")
+            fits, reason = fits_on_device(data_config, info, devices)
+            choice = "device" if fits else "tf_data"
     logging.info("data.pipeline='auto' -> %r: %s", choice, reason)
     return choice
+
+
+def fits_on_device(data_config, info, devices=None) -> tuple[bool, str]:
+    """Whether the data set's bytes are at most data_config.device_memory_fraction (0.25) of the
+    first device's memory (the host's for CPU devices, which report none), and why."""
+    devices = [] if devices is None else list(np.ravel(np.asarray(devices, dtype=object)))
+    memory, where = _device_memory(devices[0] if devices else jax.local_devices()[0])
+    fraction = data_config.get("device_memory_fraction", 0.25)
+    size = nbytes(info)
+    fits = size <= fraction * memory
+    return fits, (f"{data_config.name!r} takes {size / 2**20:.1f} MiB, {'<=' if fits else '>'} "
+                  f"{fraction:g} x {memory / 2**30:.1f} GiB of {where}")

@@ -199,15 +199,26 @@ def _run_step(state: train.TrainState, batch, hyper, alive, step, *, group: Grou
     return new, keep, {"loss": loss, "accuracy": accuracy, "finite": finite}
 
 
-def group_step(states, alive, permutations, step, data, *, group: Group, mesh: Mesh):
-    """All runs' step `step`: each run's batch from its permutation of this epoch, augmented on
-    the device, then _run_step vmapped over the runs."""
+def gather_batches(images, labels, permutations, seeds, step, *, group: Group):
+    """Every run's batch of step `step`: its slice of this epoch's permutation, gathered and
+    augmented (device_data.train_batch, vmapped over the runs)."""
     config = group.configs[0]
     epoch, index = step // group.steps_per_epoch, step % group.steps_per_epoch
     gather = functools.partial(device_data.train_batch, batch_size=config.batch_size,
                                augment=config.data.augment)
-    batches = jax.vmap(gather, in_axes=(None, None, 0, 0, None, None))(
-        data["image"], data["label"], permutations, data["seed"], epoch, index)
+    return jax.vmap(gather, in_axes=(None, None, 0, 0, None, None))(
+        images, labels, permutations, seeds, epoch, index)
+
+
+def group_step(states, alive, permutations, step, data, *, group: Group, mesh: Mesh):
+    """All runs' step `step`: each run's batch (gathered here from the data on the device, or
+    given as data["batch"] when the data set stays in host memory), then _run_step vmapped
+    over the runs."""
+    if "batch" in data:
+        batches = data["batch"]
+    else:
+        batches = gather_batches(data["image"], data["label"], permutations, data["seed"], step,
+                                 group=group)
     batches = jax.lax.with_sharding_constraint(
         batches, NamedSharding(mesh, PartitionSpec(RUNS_AXIS, DATA_AXIS)))
     hyper = {k: data[k] for k in HYPER}
@@ -248,7 +259,7 @@ class GroupSteps:
     state_sharding: Any
 
 
-def make_steps(group: Group, mesh: Mesh) -> GroupSteps:
+def make_steps(group: Group, mesh: Mesh, on_host: bool = False) -> GroupSteps:
     config, shape = group.configs[0], tuple(group.info.image_shape)
     template_tx = run_optimizer(config, group, 1.0, 0.0)  # init builds the same structure
     inits = {}
@@ -259,7 +270,11 @@ def make_steps(group: Group, mesh: Mesh) -> GroupSteps:
     repl = NamedSharding(mesh, PartitionSpec())
     abstract = jax.eval_shape(inits[group.models[0]], 0)
     state_sh = jax.tree.map(lambda _: runs, abstract)
-    data_sh = {"image": repl, "label": repl, "seed": runs, **{k: runs for k in HYPER}}
+    data_sh = {"seed": runs, **{k: runs for k in HYPER}}
+    if on_host:  # each step's batches come from the host, already gathered and augmented
+        data_sh["batch"] = NamedSharding(mesh, PartitionSpec(RUNS_AXIS, DATA_AXIS))
+    else:
+        data_sh.update(image=repl, label=repl)
     train_fn = jax.jit(functools.partial(group_step, group=group, mesh=mesh),
                        in_shardings=(state_sh, runs, runs, repl, data_sh),
                        out_shardings=(state_sh, runs, runs), donate_argnums=(0, 1))
@@ -331,7 +346,14 @@ def train_group(configs: list, workdirs: list, *, devices=None, cache_dir: str |
     info = device_data.get_info(base.data, cache_dir)
     group = make_group(list(configs), info)
     mesh = make_mesh(group.size, base.batch_size, devices, base.get("parallel_split", "runs"))
-    steps = make_steps(group, mesh)
+    # A data set that does not fit in data.device_memory_fraction of a device's memory stays in
+    # host memory: every step's batches are gathered and augmented there (by the same functions,
+    # on the host's CPU device) and sent, so a run sees the same batches either way.
+    on_host, why = device_data.fits_on_device(base.data, info, mesh.devices)
+    on_host = not on_host
+    if on_host:
+        say(f"the data stays in host memory ({why}); each step's batches are gathered there")
+    steps = make_steps(group, mesh, on_host)
     runs_sh = NamedSharding(mesh, PartitionSpec(RUNS_AXIS))
     repl = NamedSharding(mesh, PartitionSpec())
 
@@ -340,8 +362,14 @@ def train_group(configs: list, workdirs: list, *, devices=None, cache_dir: str |
     eval_batch = base.get("eval_batch_size") or base.batch_size
     eval_data = jax.device_put(device_data.eval_batches(eval_images, eval_labels, eval_batch), repl)
     seeds = np.array([c.seed for c in configs], np.int32)
-    data = jax.device_put({"image": train_images, "label": train_labels}, repl)
-    data.update(jax.device_put({"seed": seeds, **group.hyper}, runs_sh))
+    data = jax.device_put({"seed": seeds, **group.hyper}, runs_sh)
+    if on_host:
+        host = jax.device_put({"image": train_images, "label": train_labels, "seed": seeds},
+                              jax.devices("cpu")[0])
+        host_batches = jax.jit(functools.partial(gather_batches, group=group))
+        batch_sh = NamedSharding(mesh, PartitionSpec(RUNS_AXIS, DATA_AXIS))
+    else:
+        data.update(jax.device_put({"image": train_images, "label": train_labels}, repl))
 
     # Each run's initial state exactly as it would be alone; restored where the group saved.
     states = [init(c.seed) for init, c in zip(steps.init, configs)]
@@ -453,6 +481,12 @@ def train_group(configs: list, workdirs: list, *, devices=None, cache_dir: str |
                 epoch = step // group.steps_per_epoch
                 if epoch != perm_epoch:
                     permutations, perm_epoch = steps.permutations(data["seed"], epoch), epoch
+                    if on_host:
+                        host_permutations = jax.device_put(permutations, jax.devices("cpu")[0])
+                if on_host:
+                    batch = host_batches(host["image"], host["label"], host_permutations,
+                                         host["seed"], step)
+                    data["batch"] = jax.device_put(batch, batch_sh)
                 states, alive, metrics = steps.train(states, alive, permutations, step, data)
                 if simulated_devices:
                     jax.block_until_ready(metrics)
