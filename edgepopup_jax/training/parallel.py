@@ -349,8 +349,8 @@ def train_group(configs: list, workdirs: list, *, devices=None, cache_dir: str |
     # A data set that does not fit in data.device_memory_fraction of a device's memory stays in
     # host memory: every step's batches are gathered and augmented there (by the same functions,
     # on the host's CPU device) and sent, so a run sees the same batches either way.
-    on_host, why = device_data.fits_on_device(base.data, info, mesh.devices)
-    on_host = not on_host
+    fits, why = device_data.fits_on_device(base.data, info, mesh.devices)
+    on_host = not fits
     if on_host:
         say(f"the data stays in host memory ({why}); each step's batches are gathered there")
     steps = make_steps(group, mesh, on_host)
