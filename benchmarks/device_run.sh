@@ -31,7 +31,8 @@
 #      carry [".carry/cifar10/2"]          bash benchmarks/device_run.sh cifar_part 2
 #      carry []                            bash benchmarks/device_run.sh fig3     (timeout_s 600)
 #    fig3 joins the parts (checking every sha256), then trains the group with the sweep
-#    (--parallel_runs=30, data.pipeline=device, bf16) in /tmp/fig3. It stops itself after
+#    (--parallel_runs=30, data.pipeline=device, bf16; a checkpoint every 10 epochs, since each
+#    is 30 orbax saves, and at the stop) in /tmp/fig3. It stops itself after
 #    FIG3_BUDGET_S (540) seconds with every run's checkpoint saved (SIGTERM), so calling fig3
 #    again on the warm machine resumes; $OUT gets the sweep's log, results.csv and sweep.png
 #    (the finished runs) and progress.txt (the group's latest step and top-1 per run).
@@ -91,6 +92,7 @@ fig3)
         --config=configs/cifar10.py:conv4 --workdir="${FIG3_WORKDIR:-/tmp/fig3}" \
         --config.data.name=npz --config.data.data_dir="$npz" \
         --config.data.pipeline=device --config.model.compute_dtype=bfloat16 \
+        --config.checkpoint_every_steps=3900 \
         --sweep=model.keep_fraction=0.3,0.5,0.7 \
         --sweep=model.weight_init=signed_constant,kaiming_normal --seeds=0,1,2,3,4 \
         --parallel_runs=30 --verbose ${FIG3_ARGS:-} 2>&1 | tee -a "$out/fig3.log"
