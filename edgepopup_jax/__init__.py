@@ -7,7 +7,11 @@ The package by role (docs/ARCHITECTURE.md): core (the library), models, configs,
 subnet (the .subnet files and their commands), planning (sweeps, preflight). Importing it loads
 the library only: core, models and subnet's file I/O, no trainer dependencies.
 """
-from edgepopup_jax import models, subnet
+from edgepopup_jax.core import platforms
+
+platforms.default_to_cpu_without_accelerator()  # before JAX starts: no CUDA traceback on a CPU
+
+from edgepopup_jax import models, subnet  # noqa: E402
 from edgepopup_jax.core import inits, layers, masking, nnx_layers, summary
 from edgepopup_jax.core.layers import NonAffineBatchNorm, SubnetConv, SubnetDense
 from edgepopup_jax.core.masking import kept_count, supermask, topk_mask
