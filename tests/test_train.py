@@ -144,7 +144,7 @@ def test_incompatible_checkpoint_is_refused_and_left_untouched(tmp_path):
 
 
 def test_corrupt_checkpoint_is_refused_and_left_untouched(tmp_path):
-    c, workdir = _trained_workdir(tmp_path)
+    c, workdir = _trained_workdir(tmp_path, **{"checkpoint.on_corrupt": "refuse"})
     latest = max((workdir / "checkpoints").iterdir(), key=lambda p: int(p.name) if p.name.isdigit() else -1)
     for f in (latest / "state").rglob("*"):
         if f.is_file() and f.stat().st_size > 1000:
@@ -321,7 +321,7 @@ def test_supermask_sample_evaluation_runs_and_is_deterministic(tmp_path):
 
 
 def test_flipped_byte_in_a_checkpoint_is_caught_by_its_checksum(tmp_path):
-    c, workdir = _trained_workdir(tmp_path)
+    c, workdir = _trained_workdir(tmp_path, **{"checkpoint.on_corrupt": "refuse"})
     latest = workdir / "checkpoints" / "4"
     largest = max((f for f in (latest / "state").rglob("*") if f.is_file()), key=lambda f: f.stat().st_size)
     data = bytearray(largest.read_bytes())
@@ -344,7 +344,7 @@ def test_periodic_actions_are_due_every_n_steps_and_at_the_last():
 
 
 def test_checksum_mismatch_is_refused(tmp_path):
-    c, workdir = _trained_workdir(tmp_path)
+    c, workdir = _trained_workdir(tmp_path, **{"checkpoint.on_corrupt": "refuse"})
     meta_file = next((workdir / "checkpoints" / "4" / "meta").rglob("*"))
     meta = json.loads(meta_file.read_text())
     assert meta["format"] == ckpt_lib.FORMAT_VERSION and len(meta["checksum"]) > 5

@@ -72,4 +72,9 @@ def get_base() -> ml_collections.ConfigDict:
     c.eval_every_steps = 0  # 0: once per epoch
     c.checkpoint_every_steps = 0  # 0: once per epoch
     c.keep_checkpoints = 3
+    c.checkpoint = ml_collections.ConfigDict()
+    # A latest checkpoint that is corrupt (unreadable, or its checksum no longer matches):
+    # fall_back moves it aside to <step>.corrupt and resumes from the newest intact one, so an
+    # unattended restart (a preemptible pod, a SLURM requeue) goes on; refuse stops with an error.
+    c.checkpoint.on_corrupt = "fall_back"
     return c

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 
 
 class _HideOrbaxInfo(pylogging.Filter):
@@ -49,6 +50,20 @@ logging.get_absl_logger().addFilter(_HideOrbaxInfo())
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be restored into this run."""
+
+
+class CorruptCheckpoint(CheckpointError):
+    """A checkpoint of this run whose files cannot be read or no longer match their checksum
+    (not one of another run, nor one whose arrays have other shapes: those are CheckpointError)."""
+
+
+ON_CORRUPT = ("fall_back", "refuse")  # config.checkpoint.on_corrupt
+
+
+def check_on_corrupt(mode: str) -> str:
+    if mode not in ON_CORRUPT:
+        raise ValueError(f"unknown checkpoint.on_corrupt {mode!r}; allowed: {', '.join(ON_CORRUPT)}")
+    return mode
 
 
 FORMAT_VERSION = 2  # 2: meta holds "format" and the state's "checksum"; 1 (no "format"): neither
@@ -169,7 +184,7 @@ class Checkpointer:
         try:
             meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
         except Exception as e:  # noqa: BLE001 - orbax raises many kinds; all mean "unreadable"
-            raise CheckpointError(f"{where} is unreadable ({type(e).__name__}: {e}); move it away "
+            raise CorruptCheckpoint(f"{where} is unreadable ({type(e).__name__}: {e}); move it away "
                                   "or use another --workdir") from e
         for key, defaults in (added_defaults or {}).items():
             if isinstance(meta.get(key), dict):
@@ -185,13 +200,16 @@ class Checkpointer:
             restored = self.manager.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract)))["state"]
         except Exception as e:  # noqa: BLE001
-            raise CheckpointError(f"{where} could not be restored into this model "
-                                  f"({type(e).__name__}: {e})") from e
+            # Arrays of other shapes are another model; the same shapes that fail to read are
+            # damaged files.
+            error = CorruptCheckpoint if self._same_shapes(step, abstract) else CheckpointError
+            raise error(f"{where} could not be restored into this model "
+                        f"({type(e).__name__}: {e})") from e
         if "checksum" in meta:  # each process checks the state as it restored it, on its devices
             got = checksum(restored)
             bad = [path for path, a, b in zip(_leaf_paths(restored), got, meta["checksum"]) if a != b]
             if bad or len(got) != len(meta["checksum"]):
-                raise CheckpointError(
+                raise CorruptCheckpoint(
                     f"{where} is corrupted: its data no longer matches the checksum saved with it "
                     f"(in {', '.join(bad[:5]) or 'the number of arrays'}); move that step's "
                     "directory away to resume from the previous checkpoint")
@@ -199,6 +217,63 @@ class Checkpointer:
             logging.warning("%s has no checksum (written before format %d): not verified", where,
                             FORMAT_VERSION)
         return restored, meta
+
+    def _same_shapes(self, step: int, abstract) -> bool:
+        """Whether the saved state's arrays have the shapes and dtypes of abstract's (compared
+        as sorted lists: orbax names a tree's nodes its own way). Unreadable metadata counts as
+        the same: the files are damaged, not another model's."""
+        def signature(tree):
+            return sorted((tuple(a.shape), str(np.dtype(a.dtype))) for a in jax.tree.leaves(tree))
+        try:
+            saved = ocp.StandardCheckpointer().metadata(os.path.join(self.directory, str(step), "state"))
+            tree = getattr(saved, "item_metadata", saved)
+            saved_signature = signature(getattr(tree, "tree", tree))
+        except Exception:  # noqa: BLE001
+            return True
+        return not saved_signature or saved_signature == signature(abstract)
+
+    def set_aside(self, step: int, suffix: str) -> str:
+        """Renames checkpoint `step` to `<step>.<suffix>` (never deletes it; a name already taken
+        gets a number), so that orbax no longer sees it; returns the new path. In a multi-process
+        job process 0 renames and the others wait for it."""
+        src = epath.Path(self.directory) / str(step)
+        dst = epath.Path(self.directory) / f"{step}.{suffix}"
+        n = 1
+        while dst.exists():
+            dst, n = epath.Path(self.directory) / f"{step}.{suffix}.{n}", n + 1
+        if jax.process_index() == 0:
+            src.rename(dst)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices(f"set aside checkpoint {step}")
+        self.manager.reload()
+        return str(dst)
+
+    def restore_intact(self, state_template, expected_meta: dict, *, on_corrupt: str = "fall_back",
+                       added_defaults: dict | None = None, step: int | None = None):
+        """restore(step) (default: the latest); with on_corrupt="fall_back", a CorruptCheckpoint
+        is moved aside to `<step>.corrupt` and the next older checkpoint is tried, until one
+        restores. Returns (state, meta, corrupt): state and meta are None when no intact
+        checkpoint is left (the run starts over); corrupt lists the steps moved aside.
+        on_corrupt="refuse" raises the CorruptCheckpoint, leaving everything in place."""
+        check_on_corrupt(on_corrupt)
+        corrupt = []
+        step = self.latest_step() if step is None else step
+        while step is not None:
+            try:
+                state, meta = self.restore(state_template, expected_meta, step=step,
+                                           added_defaults=added_defaults)
+                return state, meta, corrupt
+            except CorruptCheckpoint as e:
+                if on_corrupt == "refuse":
+                    raise
+                moved = self.set_aside(step, "corrupt")
+                logging.warning("%s. Moved it aside to %s (checkpoint.on_corrupt='fall_back'); "
+                                "trying the previous checkpoint", e, moved)
+                corrupt.append(step)
+            older = [s for s in self.manager.all_steps() if s < corrupt[-1]]
+            step = max(older) if older else None
+        return None, None, corrupt
 
     def restore_raw(self, step: int | None = None):
         """The saved state as nested dicts of numpy arrays, and its meta; needs no template

@@ -312,6 +312,35 @@ def _set_aside_newer(checkpointer, step: int | None) -> None:
     checkpointer.manager.reload()
 
 
+def _restore_group(checkpointers, templates, identities, on_corrupt: str, say):
+    """Every run's state and meta at the newest step all runs saved, as
+    (step, [(state, meta)], corrupt steps per run); (None, None, corrupt) when there is none.
+    A corrupt checkpoint is moved aside to <step>.corrupt (on_corrupt "fall_back") and the
+    group falls back to the next common step, or raises (on_corrupt "refuse")."""
+    corrupt = [[] for _ in checkpointers]
+    while (step := _common_step(checkpointers)) is not None:
+        for c in checkpointers:
+            _set_aside_newer(c, step)
+        restored = []
+        for r, c in enumerate(checkpointers):
+            try:
+                restored.append(c.restore(templates[r], identities[r], step=step,
+                                          added_defaults={"model": ckpt_lib.ADDED_MODEL_OPTIONS}))
+            except ckpt_lib.CorruptCheckpoint as e:
+                if on_corrupt == "refuse":
+                    raise
+                moved = c.set_aside(step, "corrupt")
+                corrupt[r].append(step)
+                say(f"{e}. Moved it aside to {moved} (checkpoint.on_corrupt='fall_back'); "
+                    "the group falls back to the previous checkpoint")
+                break
+        else:
+            return step, restored, corrupt
+    for c in checkpointers:
+        _set_aside_newer(c, None)
+    return None, None, corrupt
+
+
 def train_group(configs: list, workdirs: list, *, devices=None, cache_dir: str | None = None,
                 stop_after_steps: int | None = None, say=None) -> list[dict]:
     """Trains configs' runs as one group, run i into workdirs[i].
@@ -382,13 +411,11 @@ def train_group(configs: list, workdirs: list, *, devices=None, cache_dir: str |
     keep = base.get("keep_checkpoints", 3)
     checkpointers = [ckpt_lib.Checkpointer(os.path.join(str(w), "checkpoints"), max_to_keep=keep)
                      for w in workdirs]
-    start = _common_step(checkpointers)
-    for c in checkpointers:
-        _set_aside_newer(c, start)
+    start, restored, corrupt = _restore_group(checkpointers, states, [m.identity() for m in metas],
+                                              train.on_corrupt(base), say)
     if start is not None:
         for r, c in enumerate(checkpointers):
-            states[r], saved = c.restore(states[r], metas[r].identity(),
-                                         added_defaults={"model": ckpt_lib.ADDED_MODEL_OPTIONS})
+            states[r], saved = restored[r]
             metas[r] = dataclasses.replace(metas[r], history=ckpt_lib.RunMeta.from_json(saved).history)
             if ckpt_lib.tree_hash(states[r].frozen) != frozen_hashes[r]:
                 raise ckpt_lib.CheckpointError(f"{c.directory}: the frozen weights differ from "
@@ -544,6 +571,7 @@ def train_group(configs: list, workdirs: list, *, devices=None, cache_dir: str |
                                else None),
             "wall_time_sec": wall, "num_devices": int(mesh.devices.size), "num_processes": 1,
             "data_order_changed": None, "pipeline": "device",
+            "corrupt_checkpoint": train.corrupt_record(corrupt[r], start),
             "group": {"size": group.size, "index": r, "mesh": dict(mesh.shape)},
             "config": config.to_dict(),
         }

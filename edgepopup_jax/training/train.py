@@ -159,6 +159,7 @@ def check_run_options(config: ml_collections.ConfigDict, info: input_pipeline.Da
         _check_count("keep_checkpoints", config.get("keep_checkpoints", 3), 1, " (None: keep all)")
     _check_count("data.shuffle_buffer", config.data.get("shuffle_buffer", 1), 1)
     sharding.check_state_sharding(config.get("state_sharding", "replicated"))
+    ckpt_lib.check_on_corrupt(on_corrupt(config))
     channels = info.image_shape[-1]
     for field in ("mean", "std"):
         values = tuple(config.data[field])
@@ -168,6 +169,19 @@ def check_run_options(config: ml_collections.ConfigDict, info: input_pipeline.Da
                              f"have {channels} channel(s): give {allowed}")
     if min(config.data.std) <= 0:
         raise ValueError(f"data.std must be > 0 for every channel, got {tuple(config.data.std)}")
+
+
+def on_corrupt(config: ml_collections.ConfigDict) -> str:
+    """config.checkpoint.on_corrupt (configs without the field: "fall_back")."""
+    return config.get("checkpoint", {}).get("on_corrupt", "fall_back")
+
+
+def corrupt_record(corrupt: list[int], resumed_from: int | None) -> dict | None:
+    """results.json's `corrupt_checkpoint`: the newest corrupt step moved aside, all of them,
+    and the step the run resumed from (None: it started over)."""
+    if not corrupt:
+        return None
+    return {"corrupt_step": corrupt[0], "corrupt_steps": corrupt, "resumed_from": resumed_from}
 
 
 def make_plan(config: ml_collections.ConfigDict, info: input_pipeline.DatasetInfo) -> Plan:
@@ -315,10 +329,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devic
                             num_classes=info.num_classes, process_count=num_processes)
     checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                          max_to_keep=config.get("keep_checkpoints", 3))
-    data_order_change = None
+    data_order_change, corrupt, saved = None, [], None
     if checkpointer.latest_step() is not None:
-        state, saved = checkpointer.restore(
-            state, meta.identity(), added_defaults={"model": ckpt_lib.ADDED_MODEL_OPTIONS})
+        restored, saved, corrupt = checkpointer.restore_intact(
+            state, meta.identity(), on_corrupt=on_corrupt(config),
+            added_defaults={"model": ckpt_lib.ADDED_MODEL_OPTIONS})
+        state = state if restored is None else restored
+        if corrupt:
+            logging.warning("corrupt checkpoint(s) %s moved aside; %s", corrupt,
+                            "no intact checkpoint is left: starting over" if restored is None
+                            else f"resuming from step {int(state.step)}")
+    if saved is not None:
         saved = ckpt_lib.RunMeta.from_json(saved)
         logging.info("Resumed from step %d of %s", int(state.step), checkpointer.directory)
         meta = dataclasses.replace(meta, history=saved.history)
@@ -434,6 +455,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devic
         "wall_time_sec": time.time() - t_start,
         "num_devices": int(mesh.devices.size), "num_processes": num_processes,
         "data_order_changed": data_order_change,
+        "corrupt_checkpoint": corrupt_record(corrupt, start_step or None),
         "config": config.to_dict(),
     }
     if jax.process_index() == 0:
