@@ -32,6 +32,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from edgepopup_jax.training import checkpoint as ckpt_lib
     from edgepopup_jax.training import parallel, sharding, train
 
     sharding.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
@@ -47,8 +48,8 @@ def main(argv):
         logging.error("%s", e)
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except train.TrainingDiverged as e:  # the run, not the config: exit 1, the checkpoints intact
-        logging.error("%s", e)
+    except (train.TrainingDiverged, ckpt_lib.DiskFull) as e:  # the run, not the config: exit 1,
+        logging.error("%s", e)                                 # the checkpoints intact
         print(f"error: {e}", file=sys.stderr)
         return 1
     if isinstance(results, list):  # config.parallel_runs seeds, one group

@@ -102,3 +102,70 @@ def test_cli_falls_back_from_a_corrupt_checkpoint_or_refuses_it(tmp_path):
     assert results["corrupt_checkpoint"] == {"corrupt_step": 30, "corrupt_steps": [30], "resumed_from": 20}
     assert results["state_sha256"] == finished["state_sha256"]
     assert results["eval"] == finished["eval"]
+
+
+def test_a_full_disk_says_so_keeps_the_good_checkpoints_and_cleans_up_at_the_next_start(
+        tmp_path, monkeypatch):
+    """A patched writer (works anywhere; the tmpfs test below is the real thing where root may
+    mount one): the save of step 4 fails for want of space, after leaving its temporary dir."""
+    import errno
+
+    import orbax.checkpoint as ocp
+    config = small_config(num_train_steps=6, checkpoint_every_steps=2)
+    straight = train.train_and_evaluate(config, str(tmp_path / "straight"), devices=one_device())
+    workdir = tmp_path / "run"
+    real_save = ocp.CheckpointManager.save
+
+    def save(self, step, *args, **kwargs):
+        if step == 4:
+            (pathlib.Path(self.directory) / "4.orbax-checkpoint-tmp-1234").mkdir()
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(ocp.CheckpointManager, "save", save)
+    with pytest.raises(ckpt_lib.DiskFull) as e:
+        train.train_and_evaluate(config, str(workdir), devices=one_device())
+    assert str(e.value).startswith(f"the disk is full: checkpoint 4 could not be written to "
+                                   f"{workdir / 'checkpoints'}. The latest good checkpoint is step 2")
+    assert "run the same command again to resume from step 2" in str(e.value)
+    monkeypatch.setattr(ocp.CheckpointManager, "save", real_save)
+    again = train.train_and_evaluate(config, str(workdir), devices=one_device())
+    assert not list((workdir / "checkpoints").glob("*tmp*"))
+    assert again["state_sha256"] == straight["state_sha256"]
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 6 MiB tmpfs (root only; skips elsewhere): room for two of the default model's
+    checkpoints (1.6 MiB each) and not a third."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mount)],
+                          capture_output=True, text=True)
+    if done.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=False)
+
+
+def test_cli_on_a_full_disk_exits_with_one_line_and_resumes_on_a_bigger_one(tmp_path, small_disk):
+    straight = _main(tmp_path / "straight")
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    workdir = small_disk / "run"
+    full = _main(workdir)
+    assert full.returncode == 1, full.stderr[-3000:]
+    assert "Traceback" not in full.stderr and "RESOURCE_EXHAUSTED" not in full.stderr, full.stderr[-3000:]
+    errors = [line for line in full.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: the disk is full: checkpoint 30 could not be written to "
+                      f"{workdir / 'checkpoints'}. The latest good checkpoint is step 20, intact; "
+                      "free space (or move the workdir to a disk with room), then run the same "
+                      "command again to resume from step 20"]
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == \
+        ["10", "20", "30.orbax-checkpoint-tmp"]
+    subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)
+    again = _main(workdir)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "left by a checkpoint save that did not finish" in again.stderr
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["10", "20", "30"]
+    assert json.loads((workdir / "results.json").read_text())["state_sha256"] == \
+        json.loads((tmp_path / "straight" / "results.json").read_text())["state_sha256"]

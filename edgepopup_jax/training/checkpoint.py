@@ -23,11 +23,14 @@ A run resumes only from a checkpoint whose RUN_IDENTITY fields equal its own.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
 import logging as pylogging
 import os
+import sys
 
 import flax
 import jax
@@ -39,10 +42,16 @@ from etils import epath
 
 
 class _HideOrbaxInfo(pylogging.Filter):
-    """Orbax logs dozens of INFO lines per save; keep the console to the trainer's progress."""
+    """Orbax logs dozens of INFO lines per save; keep the console to the trainer's progress.
+    Its background threads also log each failed write with a traceback: a full disk is
+    reported once, as DiskFull, so those records are dropped."""
 
     def filter(self, record):
-        return record.levelno >= pylogging.WARNING or "orbax" not in record.pathname
+        if "orbax" not in record.pathname:
+            return True
+        if record.exc_info and _is_disk_full(record.exc_info[1]):
+            return False
+        return record.levelno >= pylogging.WARNING
 
 
 logging.get_absl_logger().addFilter(_HideOrbaxInfo())
@@ -50,6 +59,42 @@ logging.get_absl_logger().addFilter(_HideOrbaxInfo())
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be restored into this run."""
+
+
+class DiskFull(RuntimeError):
+    """A checkpoint could not be written: no space left. The earlier checkpoints are intact."""
+
+
+def _is_disk_full(error: BaseException | None) -> bool:
+    """Whether error, or one it was raised from, says no space is left (an OSError, or
+    tensorstore's RESOURCE_EXHAUSTED with the OS's message)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(error) or "os_error_code='28'" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _drop_closed_loop_callbacks(unraisablehook):
+    """sys.unraisablehook, less one report: after a failed save (a full disk) orbax closes its
+    event loop while tensorstore still calls back into it, and each such callback prints
+    "RuntimeError: Event loop is closed" with a traceback. The failure itself is raised once."""
+    def hook(unraisable):
+        value = unraisable.exc_value
+        if not (isinstance(value, RuntimeError) and str(value) == "Event loop is closed"):
+            unraisablehook(unraisable)
+    hook.drops_closed_loop_callbacks = True
+    return hook
+
+
+if not getattr(sys.unraisablehook, "drops_closed_loop_callbacks", False):
+    sys.unraisablehook = _drop_closed_loop_callbacks(sys.unraisablehook)
+
+TEMPORARY = "*.orbax-checkpoint-tmp*"  # orbax writes a step here, then renames it to <step>
 
 
 class CorruptCheckpoint(CheckpointError):
@@ -155,20 +200,54 @@ def _leaf_paths(tree) -> list[str]:
 class Checkpointer:
     def __init__(self, directory: str, *, max_to_keep: int = 3, async_save: bool = True):
         self.directory = os.path.abspath(directory) if "://" not in directory else directory
+        self._remove_temporary()
         options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                                enable_async_checkpointing=async_save)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self._saving: int | None = None  # the step of the save in flight
+
+    def _remove_temporary(self) -> None:
+        """Removes what a save that never finished left (a full disk, a killed process): orbax
+        writes into <step>.orbax-checkpoint-tmp-* and renames it only once it is complete."""
+        if jax.process_index() != 0 or "://" in self.directory:
+            return
+        for path in sorted(epath.Path(self.directory).glob(TEMPORARY)):
+            logging.warning("removing %s, left by a checkpoint save that did not finish", path)
+            path.rmtree() if path.is_dir() else path.unlink()
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
+    def _complete_steps(self) -> list[int]:
+        """The steps whose directories orbax finished (named by their step alone)."""
+        return sorted(int(p.name) for p in epath.Path(self.directory).iterdir() if p.name.isdigit())
+
+    @contextlib.contextmanager
+    def _reporting_a_full_disk(self):
+        try:
+            yield
+        except Exception as e:  # noqa: BLE001 - orbax and tensorstore raise many kinds
+            if not _is_disk_full(e):
+                raise
+            steps = [s for s in self._complete_steps() if s != self._saving]
+            good = f"step {steps[-1]}" if steps else "none"
+            raise DiskFull(
+                f"the disk is full: checkpoint {self._saving} could not be written to "
+                f"{self.directory}. The latest good checkpoint is {good}, intact; free space (or "
+                "move the workdir to a disk with room), then run the same command again to "
+                f"resume{' from ' + good if steps else ''}") from None
+
     def save(self, step: int, state, meta: dict, *, force: bool = False) -> bool:
-        """Saves state and meta (plus the format version and the state's checksum)."""
+        """Saves state and meta (plus the format version and the state's checksum). Raises
+        DiskFull when the disk is full (here, or for the previous, asynchronous save)."""
         if not force and not self.manager.should_save(step):
             return False
         meta = {**meta, "format": FORMAT_VERSION, "checksum": checksum(state)}
-        return self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=force)
+        with self._reporting_a_full_disk():
+            self.manager.wait_until_finished()  # the previous save's failure is reported as its own
+            self._saving = step
+            return self.manager.save(step, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=force)
 
     def restore(self, state_template, expected_meta: dict, step: int | None = None,
                 added_defaults: dict | None = None):
@@ -297,8 +376,11 @@ class Checkpointer:
         return jax.device_get(restored["state"]), restored["meta"]
 
     def wait(self):
-        self.manager.wait_until_finished()
+        with self._reporting_a_full_disk():
+            self.manager.wait_until_finished()
 
     def close(self):
-        self.manager.wait_until_finished()
-        self.manager.close()
+        try:
+            self.wait()
+        finally:
+            self.manager.close()
