@@ -32,6 +32,13 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from edgepopup_jax.training import supervisor
+    if (supervisor.multi_process(FLAGS.coordinator_address, FLAGS.multihost)
+            and not os.environ.get(supervisor.SUPERVISED)):
+        # One process of several: run as a child, so that a lost peer, which ends this process
+        # from C++, is still reported in one line (training/supervisor.py).
+        return supervisor.supervise(sys.argv, workdir=FLAGS.workdir, process_id=FLAGS.process_id,
+                                    num_processes=FLAGS.num_processes)
     from edgepopup_jax.training import checkpoint as ckpt_lib
     from edgepopup_jax.training import parallel, sharding, train
 

@@ -77,6 +77,8 @@ SLOW = (
     "test_selection.py::test_global_scope_equals_a_sort_over_the_concatenated_scores",
     "test_selection.py::test_global_scope_needs_the_masks_collection",
     "test_models.py::test_grad_only_scores_conv4",
+    # faults met through main.py: a corrupt checkpoint, a full disk, a CPU machine's plugins
+    "test_faults.py::test_cli_", "test_platforms.py::test_main_prints_no_traceback",
 )
 
 

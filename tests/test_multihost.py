@@ -193,3 +193,64 @@ def test_resume_across_process_counts_says_the_data_order_changed(tmp_path):
     assert np.all(np.isfinite([h["loss"] for h in last["train_history"]]))
     saved = json.loads((workdir / "results.json").read_text())
     assert saved["data_order_changed"]["process_count_before"] == 2
+
+
+def _launch_main(tmp_path, tag: str, address: str):
+    """Both processes of a 2 x 2-device job through main.py, each in its own session (so a
+    test can kill one whole, as a lost host would be)."""
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={DEVICES_PER_PROCESS}",
+           "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    procs = []
+    for i in range(NUM_PROCESSES):
+        log = open(tmp_path / f"main{tag}{i}.txt", "w")
+        procs.append((subprocess.Popen(
+            [sys.executable, str(ROOT / "main.py"), "--config=configs/default.py",
+             f"--workdir={tmp_path / 'workdir'}", "--config.num_train_steps=60",
+             "--config.checkpoint_every_steps=10", "--config.log_every_steps=5",
+             "--config.eval_every_steps=1000", f"--coordinator_address={address}",
+             f"--num_processes={NUM_PROCESSES}", f"--process_id={i}"],
+            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True), log))
+    return procs
+
+
+def test_a_lost_process_ends_the_other_with_one_line_and_the_relaunch_resumes(tmp_path):
+    import signal
+    import time
+
+    procs = _launch_main(tmp_path, "a", f"127.0.0.1:{free_port()}")
+    checkpoints = tmp_path / "workdir" / "checkpoints"
+    deadline = time.time() + TIMEOUT_S
+    while not (checkpoints / "20").is_dir() and time.time() < deadline:
+        assert all(p.poll() is None for p, _ in procs), (tmp_path / "maina0.txt").read_text()[-3000:]
+        time.sleep(0.2)
+    os.killpg(procs[1][0].pid, signal.SIGKILL)  # process 1's host is gone
+    killed = time.time()
+    try:
+        code = procs[0][0].wait(timeout=90)
+    finally:
+        for p, log in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+            log.close()
+    out = (tmp_path / "maina0.txt").read_text()
+    assert time.time() - killed < 90
+    assert code == 3, out[-3000:]
+    assert "Traceback" not in out and "Fatal" not in out and "Check failure" not in out, out[-3000:]
+    errors = [line for line in out.splitlines() if line.startswith("error:")]
+    step = max(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit())
+    assert errors == [f"error: lost a peer: process 1 stopped answering, so process 0 of 2 stopped; "
+                      f"the latest checkpoint is step {step} in {checkpoints}. Relaunch the same "
+                      "command on every host to resume from it"], out[-3000:]
+
+    relaunched = _launch_main(tmp_path, "b", f"127.0.0.1:{free_port()}")
+    try:
+        codes = [p.wait(timeout=TIMEOUT_S) for p, _ in relaunched]
+    finally:
+        for p, log in relaunched:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+            log.close()
+    assert codes == [0, 0], (tmp_path / "mainb0.txt").read_text()[-3000:]
+    results = json.loads((tmp_path / "workdir" / "results.json").read_text())
+    assert results["step"] == 60 and results["eval"]["count"] == 1000
+    assert results["num_processes"] == 2

@@ -21,19 +21,28 @@ STATE_SHARDINGS = ("replicated", "fsdp")
 FSDP_MIN_SIZE = 2**12
 
 
+# A process that stops answering for this long ends the job (main.py's supervisor explains it).
+HEARTBEAT_TIMEOUT_S = 40
+
+
 def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
                            process_id: int | None = None, multihost: bool = False) -> None:
     """Joins a multi-process job: explicit coordinator flags; or multihost=True, where
     jax.distributed finds its peers itself (Cloud TPU pods, SLURM, Open MPI, Kubernetes); or
     auto-detected on SLURM with several tasks. Otherwise (a single process) does nothing.
     """
+    # Collectives between the processes' CPU devices (a CPU-only job, or tests) need gloo;
+    # accelerators use their own.
+    if coordinator_address or multihost or int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if coordinator_address:
         if num_processes is None or process_id is None:
             raise ValueError("--coordinator_address needs --num_processes and --process_id too")
         jax.distributed.initialize(coordinator_address=coordinator_address,
-                                   num_processes=num_processes, process_id=process_id)
+                                   num_processes=num_processes, process_id=process_id,
+                                   heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT_S)
     elif multihost or int(os.environ.get("SLURM_NTASKS", "1")) > 1:
-        jax.distributed.initialize()
+        jax.distributed.initialize(heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT_S)
 
 
 def make_mesh(devices=None) -> Mesh:
