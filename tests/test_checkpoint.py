@@ -44,8 +44,11 @@ def test_run_meta_reads_every_version():
     assert meta.history == {"train": [], "eval": [], "throughput": []}
     current = {**v1, "model": meta.model, "process_count": 2,
                "history": {"train": [{"step": 5, "loss": 1.5, "accuracy": 0.5}], "eval": [],
-                           "throughput": [100.0]}}
+                           "throughput": [100.0]}, "keep_fraction": 0.65}
+    assert ckpt_lib.RunMeta.from_json(v1).keep_fraction is None
     assert ckpt_lib.RunMeta.from_json({**current, "format": 2, "checksum": [1]}).to_json() == current
     # What a resumed run must match: the identity fields, model options completed the same way.
-    assert meta.identity() == {"model": {**OLD_RESNET, "mask_scope": "layer", "bn_running_var": "biased"},
+    assert meta.identity() == {"model": {**OLD_RESNET, "mask_scope": "layer", "bn_running_var": "biased",
+                                         "keep_fraction_start": 1.0, "keep_fraction_anneal_epochs": 0.0,
+                                         "keep_fraction_anneal": "linear"},
                                "seed": 3, "dataset": "cifar10", "batch_size": 128}

@@ -22,6 +22,11 @@ def get_base() -> ml_collections.ConfigDict:
     # keep_fraction, weight_init, mask, ...: their defaults, allowed values and docs are in
     # core/options.py
     c.model.update(options.DEFAULTS)
+    # A sparsity schedule (training/sparsity.py): k from keep_fraction_start down to
+    # keep_fraction over the first keep_fraction_anneal_epochs epochs (0: off), linear | cosine
+    c.model.keep_fraction_start = 1.0
+    c.model.keep_fraction_anneal_epochs = 0.0
+    c.model.keep_fraction_anneal = "linear"
     c.model.dense_first = False
     c.model.dense_last = False
     c.model.compute_dtype = "float32"  # "bfloat16" on accelerators

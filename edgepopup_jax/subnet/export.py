@@ -10,7 +10,7 @@ import sys
 from absl import app, flags
 
 from edgepopup_jax.training import checkpoint as ckpt_lib
-from edgepopup_jax.training import command
+from edgepopup_jax.training import command, sparsity
 from edgepopup_jax.subnet import io as subnet
 
 FLAGS = flags.FLAGS
@@ -26,8 +26,10 @@ def training_variables(workdir: str, step: int | None = None):
     """(model_name, model_options, variables, meta) of a training checkpoint in workdir."""
     state, meta = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                         async_save=False).restore_raw(step)
-    options = dict(meta["model"])
+    options = sparsity.model_options(meta["model"])
     name = options.pop("name")
+    if meta.get("keep_fraction") is not None:  # saved during a sparsity schedule: that step's k
+        options["keep_fraction"] = meta["keep_fraction"]
     options["num_classes"] = meta["num_classes"]
     variables = {k: state[k] for k in ("params", "frozen", "batch_stats") if state.get(k)}
     return name, options, variables, meta

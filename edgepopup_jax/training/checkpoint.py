@@ -15,9 +15,10 @@ A checkpoint directory `<workdir>/checkpoints/<step>/` holds two items:
   process_count  int                  processes of the writing run (absent: unknown)
   history        {train, eval,        the log so far: train [{step, loss, accuracy}], eval
                   throughput}         [{step, epoch, top1, top5, loss, count}], images/s [float]
+  keep_fraction  float | null         the k of the saved step under a sparsity schedule (else null)
 
 Versions: 1 had neither `format` nor `checksum`; 2 added both. `process_count` and `history`
-came later within version 2, so readers treat them as optional. Model options added since
+came later within version 2, and `keep_fraction` later still, so readers treat them as optional. Model options added since
 checkpoints were first written are in ADDED_MODEL_OPTIONS with the value older runs had.
 A run resumes only from a checkpoint whose RUN_IDENTITY fields equal its own.
 """
@@ -39,6 +40,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
+
+from edgepopup_jax.training import sparsity
 
 
 class _HideOrbaxInfo(pylogging.Filter):
@@ -115,7 +118,7 @@ FORMAT_VERSION = 2  # 2: meta holds "format" and the state's "checksum"; 1 (no "
 
 # Model options added after checkpoints were first written, with the value older runs had
 # (also the value of a config without the option: bn_running_var is only in ResNet configs).
-ADDED_MODEL_OPTIONS = {"mask_scope": "layer", "bn_running_var": "biased"}
+ADDED_MODEL_OPTIONS = {"mask_scope": "layer", "bn_running_var": "biased", **sparsity.DEFAULTS}
 
 RUN_IDENTITY = ("model", "seed", "dataset", "batch_size")  # what a resumed run must match
 
@@ -134,6 +137,7 @@ class RunMeta:
     num_classes: int
     process_count: int | None = None
     history: dict = dataclasses.field(default_factory=empty_history)
+    keep_fraction: float | None = None  # the saved step's k under a sparsity schedule
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -146,7 +150,8 @@ class RunMeta:
         return cls(model=dict(meta["model"]), seed=meta["seed"],
                    dataset=meta["dataset"], batch_size=meta["batch_size"],
                    num_classes=meta["num_classes"], process_count=meta.get("process_count"),
-                   history={k: list(v) for k, v in history.items()})
+                   history={k: list(v) for k, v in history.items()},
+                   keep_fraction=meta.get("keep_fraction"))
 
     def identity(self) -> dict:
         """The fields a resumed run must share with its checkpoint, the model's options

@@ -37,7 +37,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from edgepopup_jax.core import masking, selection, summary
 from edgepopup_jax.training import checkpoint as ckpt_lib
-from edgepopup_jax.training import device_data, evaluation, files, input_pipeline, optim, train
+from edgepopup_jax.training import (device_data, evaluation, files, input_pipeline, optim, sparsity,
+                                    train)
 from edgepopup_jax.training.metric_writer import MetricWriter
 from edgepopup_jax.training.preemption import Preemption
 
@@ -45,7 +46,8 @@ RUNS_AXIS, DATA_AXIS = "runs", "data"
 # The config fields the runs of one group may differ in; every other field must be equal.
 VARYING = ("seed", "model.keep_fraction", "model.weight_init", "model.weight_init_mode",
            "model.scale_by_keep_fraction", "model.mask_scope", "optim.learning_rate",
-           "optim.weight_decay")
+           "optim.weight_decay", "model.keep_fraction_start", "model.keep_fraction_anneal_epochs",
+           "model.keep_fraction_anneal")
 SPLITS = ("runs", "data")
 HYPER = ("learning_rate", "weight_decay", "counts", "global")  # Group.hyper's keys  # what the devices split: the runs (default) or every run's batch
 
@@ -109,8 +111,22 @@ class Group:
     total_steps: int
     steps_per_epoch: int
     # per-run arrays: learning_rate, weight_decay [R] float32; counts {scope: [R, groups]}, the
-    # kept counts of each scope a run of the group uses; global [R] bool: the run's scope
+    # kept counts of each scope a run of the group uses (at step 0); global [R] bool: the run's scope
     hyper: dict
+    schedules: tuple = ()  # per run: its sparsity.Schedule
+    sizes: tuple = ()  # the score arrays' sizes, in selection order
+
+    def keep_fractions(self, step: int) -> list[float]:
+        """Each run's k at `step` (its sparsity schedule's, or its fixed keep_fraction)."""
+        return [s.keep_fraction(step) for s in self.schedules]
+
+    def counts(self, step: int) -> dict:
+        """{scope: [R, groups]} int32: each run's kept counts at `step`, exact (on the host)."""
+        return _counts(self.sizes, self.keep_fractions(step), sorted(self.hyper["counts"]))
+
+    @property
+    def annealing_steps(self) -> int:
+        return max((s.steps for s in self.schedules), default=0)
 
     @property
     def scopes(self) -> tuple:
@@ -142,13 +158,20 @@ def make_group(configs: list, info: input_pipeline.DatasetInfo) -> Group:
     sizes = _layer_sizes(models[0], info.image_shape)
     # Each run selects in its own scope; a group of both scopes selects both ways for every run
     # and keeps each run's own (jnp.where), so a run's masks are those it would have alone.
-    counts = {scope: np.stack([selection.kept_counts(sizes, m.keep_fraction, scope) if sizes
-                               else np.zeros((1,), np.int32) for m in models])
-              for scope in sorted({m.mask_scope for m in models})}
+    schedules = tuple(sparsity.schedule(c.model, plan.steps_per_epoch) for c in configs)
+    counts = _counts(sizes, [s.keep_fraction(0) for s in schedules],
+                     sorted({m.mask_scope for m in models}))
     hyper = {"learning_rate": np.array([c.optim.learning_rate for c in configs], np.float32),
              "weight_decay": np.array([c.optim.weight_decay for c in configs], np.float32),
              "counts": counts, "global": np.array([m.mask_scope == "global" for m in models])}
-    return Group(tuple(configs), models, info, plan.total_steps, plan.steps_per_epoch, hyper)
+    return Group(tuple(configs), models, info, plan.total_steps, plan.steps_per_epoch, hyper,
+                 schedules, tuple(sizes))
+
+
+def _counts(sizes, keep_fractions, scopes) -> dict:
+    return {scope: np.stack([selection.kept_counts(sizes, k, scope) if sizes
+                             else np.zeros((1,), np.int32) for k in keep_fractions])
+            for scope in scopes}
 
 
 def run_optimizer(config, group: Group, learning_rate, weight_decay) -> optax.GradientTransformation:
@@ -465,6 +488,8 @@ def train_group(configs: list, workdirs: list, *, devices=None, cache_dir: str |
             throughput_steps += 1
             for r in live():
                 values = {k: float(np.mean([m[k][r] for _, m in got])) for k in ("loss", "accuracy")}
+                if group.schedules[r].active:
+                    values["keep_fraction"] = scheduled_k(r)
                 histories[r]["train"].append({"step": step, **values})
                 writers[r].scalars(step, {"train/loss": values["loss"],
                                           "train/accuracy": values["accuracy"],
@@ -476,13 +501,28 @@ def train_group(configs: list, workdirs: list, *, devices=None, cache_dir: str |
             since = time.time()
         pending = []
 
+    counts_now = None  # the kept counts in data["counts"], while a sparsity schedule runs
+
+    def set_counts(at: int) -> None:
+        """data["counts"] for step `at`, sent only when a schedule changes them."""
+        nonlocal counts_now
+        if not group.annealing_steps or (counts_now is not None and at > group.annealing_steps):
+            return
+        new = group.counts(at)
+        if counts_now is None or any(not np.array_equal(new[s], counts_now[s]) for s in new):
+            data["counts"] = jax.device_put(new, runs_sh)
+            counts_now = new
+
+    def scheduled_k(r: int) -> float | None:
+        return group.keep_fractions(step)[r] if group.schedules[r].active else None
+
     def save(force=False):
         for r in live():
-            checkpointers[r].save(step, _unstack(states, r),
-                                  dataclasses.replace(metas[r], history=histories[r]).to_json(),
-                                  force=force)
+            meta = dataclasses.replace(metas[r], history=histories[r], keep_fraction=scheduled_k(r))
+            checkpointers[r].save(step, _unstack(states, r), meta.to_json(), force=force)
 
     def evaluate():
+        set_counts(step)  # the masks the runs have now
         variables = {"params": states.params, "frozen": states.frozen,
                      "batch_stats": states.batch_stats}
         sums = jax.device_get(steps.eval(variables, {k: data[k] for k in HYPER}, eval_data))
@@ -505,6 +545,7 @@ def train_group(configs: list, workdirs: list, *, devices=None, cache_dir: str |
             evaluate()
         with Preemption() as preemption:
             while step < group.total_steps and live():
+                set_counts(step)
                 epoch = step // group.steps_per_epoch
                 if epoch != perm_epoch:
                     permutations, perm_epoch = steps.permutations(data["seed"], epoch), epoch
@@ -554,7 +595,7 @@ def train_group(configs: list, workdirs: list, *, devices=None, cache_dir: str |
         state = jax.device_get(_unstack(states, r))
         if ckpt_lib.tree_hash(state.frozen) != frozen_hashes[r]:
             raise RuntimeError("frozen weights changed during training: this is a bug")
-        rows = train.check_kept_counts(state, group.models[r])
+        rows = train.check_kept_counts(state, group.models[r], group.keep_fractions(step)[r])
         history = histories[r]
         result = {
             "step": step, "total_steps": group.total_steps, "preempted": preempted,
@@ -572,6 +613,9 @@ def train_group(configs: list, workdirs: list, *, devices=None, cache_dir: str |
             "wall_time_sec": wall, "num_devices": int(mesh.devices.size), "num_processes": 1,
             "data_order_changed": None, "pipeline": "device",
             "corrupt_checkpoint": train.corrupt_record(corrupt[r], start),
+            "keep_fraction_schedule": ({**dataclasses.asdict(group.schedules[r]),
+                                        "final": group.keep_fractions(step)[r]}
+                                       if group.schedules[r].active else None),
             "group": {"size": group.size, "index": r, "mesh": dict(mesh.shape)},
             "config": config.to_dict(),
         }

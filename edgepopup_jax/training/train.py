@@ -26,7 +26,7 @@ from etils import epath
 from edgepopup_jax.core import masking, selection, summary
 from edgepopup_jax.models import get_model
 from edgepopup_jax.training import checkpoint as ckpt_lib
-from edgepopup_jax.training import evaluation, files, input_pipeline, optim, sharding
+from edgepopup_jax.training import evaluation, files, input_pipeline, optim, sharding, sparsity
 from edgepopup_jax.training.metric_writer import MetricWriter
 from edgepopup_jax.training.preemption import Preemption
 
@@ -46,7 +46,7 @@ class TrainState:
 
 
 def build_model(config: ml_collections.ConfigDict, num_classes: int):
-    options = config.model.to_dict()
+    options = sparsity.model_options(config.model.to_dict())
     name = options.pop("name")
     return get_model(name, num_classes=num_classes, **options)
 
@@ -105,10 +105,11 @@ def diverged_message(step: int, loss: float, last_saved: int | None) -> str:
             "warm-up (optim.warmup_epochs), then resume or restart")
 
 
-def check_kept_counts(state: TrainState, model) -> list[summary.LayerStats]:
+def check_kept_counts(state: TrainState, model, keep_fraction: float | None = None
+                      ) -> list[summary.LayerStats]:
     """Every edge-popup layer of model keeps exactly kept_count(n, k) weights (all layers
-    together for mask_scope "global"); raises if not."""
-    k, scope = model.keep_fraction, model.mask_scope
+    together for mask_scope "global"), k = keep_fraction (default: the model's); raises if not."""
+    k, scope = keep_fraction or model.keep_fraction, model.mask_scope
     rows = summary.layer_stats({"params": state.params}, k, model.mask, mask_scope=scope)
     masked = [r for r in rows if r.mode == "edge_popup"]
     groups = [masked] if scope == "global" else [[r] for r in masked]
@@ -160,6 +161,7 @@ def check_run_options(config: ml_collections.ConfigDict, info: input_pipeline.Da
     _check_count("data.shuffle_buffer", config.data.get("shuffle_buffer", 1), 1)
     sharding.check_state_sharding(config.get("state_sharding", "replicated"))
     ckpt_lib.check_on_corrupt(on_corrupt(config))
+    sparsity.check(config.model)
     channels = info.image_shape[-1]
     for field in ("mean", "std"):
         values = tuple(config.data[field])
@@ -308,7 +310,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devic
     """
     # Everything that can be wrong with the config fails here, before anything is written.
     info = input_pipeline.get_info(config.data)
-    make_plan(config, info)  # checks the config here, so a bad one fails before the mesh is built
+    plan = make_plan(config, info)  # checks the config here, so a bad one fails before the mesh is built
+    if sparsity.schedule(config.model, plan.steps_per_epoch).active:
+        raise ValueError("model.keep_fraction_anneal_epochs > 0 (a sparsity schedule) trains on "
+                         "the device data path: set data.pipeline='device' (or 'auto'); the "
+                         "tf_data path selects with a fixed keep_fraction")
     mesh = sharding.make_mesh(devices)
     local_batch = sharding.local_batch_size(config.batch_size, mesh)
     _, eval_global = sharding.eval_batch_sizes(
