@@ -280,8 +280,9 @@ def load_split(data_config, split: str, cache_dir: str | None = None,
 
 def get_info(data_config, cache_dir: str | None = None) -> input_pipeline.DatasetInfo:
     """Classes, image shape (H, W, C) and split sizes of the device path (the data's own shape: no
-    augment changes it). TF-free for the in-memory sources; "folder" reads only the headers of
-    two images. cache_dir is accepted for symmetry with load_split; no source needs it here."""
+    augment changes it; the split sizes count every file, load_split may skip some). TF-free for the
+    in-memory sources; "folder" opens only the first images of the splits. cache_dir is accepted for
+    symmetry with load_split; no source needs it here."""
     del cache_dir
     input_pipeline.check_bad_images_options(data_config)
     name, train, test = data_config.name, data_config.train_split, data_config.eval_split
