@@ -20,6 +20,7 @@ setup(
             "edgepopup-preflight = edgepopup_jax.planning.preflight:cli",
             "edgepopup-export = edgepopup_jax.subnet.export:cli",
             "edgepopup-evaluate = edgepopup_jax.subnet.evaluate:cli",
+            "edgepopup-check-data = edgepopup_jax.check_data:cli",
             "edgepopup-import-reference = edgepopup_jax.subnet.interop.hidden_networks:main",
         ],
     },

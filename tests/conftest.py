@@ -59,6 +59,9 @@ SLOW = (
     "test_selection.py::test_trainer_runs_the_global_scope",
     "test_parallel.py::test_devices_split", "test_parallel.py::test_sweep_trains",
     "test_parallel.py::test_group_resumes_from_the_newest",
+    "test_bad_images.py::test_tf_data_error_names_the_file",
+    "test_bad_images.py::test_skip_trains_on_the_rest",
+    "test_bad_images.py::test_more_bad_than_max_bad_fraction_stops_naming_the_files[tf_data",
     # big models, compiled
     "test_subnet.py::test_cifar_resnet18_roundtrip", "test_interop.py::test_cresnet18_import",
     "test_models.py::test_cifar_resnet18_forward_train_and_eval",

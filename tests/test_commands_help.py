@@ -24,6 +24,7 @@ MODULE_COMMANDS = {
     "edgepopup_jax.planning.preflight": ("--config", "--target", "--parallel_runs"),
     "edgepopup_jax.subnet.export": ("--workdir", "--out", "--step"),
     "edgepopup_jax.subnet.evaluate": ("--config", "--subnet", "--workdir"),
+    "edgepopup_jax.check_data": ("--config", "--workers"),
     "edgepopup_jax.subnet.interop.hidden_networks": ("--checkpoint", "--arch", "--keep_fraction",
                                                      "--out"),
 }
@@ -33,6 +34,7 @@ CONSOLE_SCRIPTS = {
     "edgepopup-preflight": "edgepopup_jax.planning.preflight",
     "edgepopup-export": "edgepopup_jax.subnet.export",
     "edgepopup-evaluate": "edgepopup_jax.subnet.evaluate",
+    "edgepopup-check-data": "edgepopup_jax.check_data",
     "edgepopup-import-reference": "edgepopup_jax.subnet.interop.hidden_networks",
 }
 CONSOLE_SCRIPT = "import sys; from {module} import {func}; sys.argv[0] = {name!r}; sys.exit({func}())"
@@ -120,6 +122,8 @@ TYPOS = [
     ("evaluate key", ["-m", "edgepopup_jax.subnet.evaluate", "--config=configs/default.py",
                       "--workdir=/nonexistent/w", "--config.eval_batch_siz=5"],
      "closest: eval_batch_size"),
+    ("check_data key", ["-m", "edgepopup_jax.check_data", "--config=configs/default.py",
+                        "--config.data.data_dri=/nonexistent"], "closest: data.data_dir"),
     ("export flag", ["-m", "edgepopup_jax.subnet.export", "--workdr=/nonexistent/w"],
      "Did you mean: workdir"),
     ("export value", ["-m", "edgepopup_jax.subnet.export", "--workdir=/nonexistent/w", "--step=x"],

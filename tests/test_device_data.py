@@ -413,7 +413,7 @@ def test_folder_broken_and_odd_sized_images_are_named(tmp_path):
     bad = os.path.join(root, "train", "x", "b.png")
     data = open(bad, "rb").read()
     open(bad, "wb").write(data[: len(data) // 2])
-    with pytest.raises(ValueError, match="Cannot decode image .*b.png"):
+    with pytest.raises(ip.BadDataError, match="cannot decode .*b.png"):
         dd.load_split(make_config(name="folder", data_dir=root), "train")
     save(bad, np.zeros((7, 6), np.uint8))
     with pytest.raises(ValueError, match=r"same size \(H, W\) = \(5, 6\).*b.png has \(H, W\) = \(7, 6\)"):

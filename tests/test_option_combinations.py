@@ -89,6 +89,8 @@ FIXED = {
     "state_sharding": "one device here: fsdp vs replicated on 4 devices is in test_sharding.py",
     "data.pipeline": "tf_data here: a device-path run equals itself in a group in test_parallel.py",
     "data.device_memory_fraction": "read only by pipeline='auto' (test_device_data.py)",
+    "data.bad_images": "mnist5k has no bad images: test_bad_images.py plants them in folders",
+    "data.max_bad_fraction": "read only with bad images (test_bad_images.py)",
     "parallel_runs": "1: one run here; groups of runs are test_parallel.py's",
     "parallel_split": "read only by groups: runs and data split over 8 devices in test_parallel.py",
 }

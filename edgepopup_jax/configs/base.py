@@ -48,6 +48,12 @@ def get_base() -> ml_collections.ConfigDict:
     # when the data fits in device_memory_fraction of a device's memory and nothing needs tf_data
     c.data.pipeline = "auto"
     c.data.device_memory_fraction = 0.25
+    # An image that does not decode (truncated, empty, not an image): error stops the run naming
+    # it (the state before it saved); skip drops and counts it (results.json: skipped_examples)
+    # and stops only when more than max_bad_fraction of a split is bad. Find them all first with
+    # `python -m edgepopup_jax.check_data --config=...`.
+    c.data.bad_images = "error"  # error | skip
+    c.data.max_bad_fraction = 0.001
 
     c.optim = ml_collections.ConfigDict()
     c.optim.name = "sgd"  # sgd | adam

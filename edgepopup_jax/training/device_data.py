@@ -25,6 +25,7 @@ threefry; a different `jax_default_prng_impl` gives other, equally deterministic
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -49,7 +50,7 @@ AUGMENT_SEED_SALT = 0x5EED0A06  # the root key of the augmentations: independent
 CROP_PADDING = 4
 _IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")  # the files tfds' ImageFolder lists (by name)
 _GREY_BANDS = ("1", "L", "I", "F")  # PIL's first band of a grey image (L, LA, 1, I, I;16, F)
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2  # 2: the names of the files that did not decode
 
 
 # ----------------------------------------------------------------------------- loading
@@ -113,16 +114,32 @@ def _open_image(path: str):
         raise ValueError(f"Cannot decode image {path}: {e}") from e
 
 
+def _decodes(path: str) -> bool:
+    st = os.stat(path)
+    return _decodes_as_of(path, st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _decodes_as_of(path: str, size: int, mtime_ns: int) -> bool:  # once per version of a file
+    try:
+        _decode(path, 1)
+    except ValueError:
+        return False
+    return True
+
+
 def _folder_first_image(data_dir: str, splits) -> str:
-    """The image input_pipeline reads the channel count from (relative path): the first of the
-    first split (in sorted order) with images, in ImageFolder's order (its file list shuffled by
-    random.Random(split), which permutes the same sorted list the same way)."""
+    """The image input_pipeline reads the channel count from (relative path): the first that
+    decodes of the first split (in sorted order) with images, in ImageFolder's order (its file
+    list shuffled by random.Random(split), which permutes the same sorted list the same way)."""
     for split in sorted(splits):
-        if splits[split]:
-            files = list(splits[split])
-            random.Random(split).shuffle(files)
-            return files[0][0]
-    raise ValueError(f"No images (.png/.jpg/.jpeg) found under data_dir={data_dir!r} (layout: <split>/<label>/<image>)")
+        files = list(splits[split])
+        random.Random(split).shuffle(files)
+        for rel, _ in files:
+            if _decodes(os.path.join(data_dir, rel)):
+                return rel
+    raise ValueError(f"No images (.png/.jpg/.jpeg) that decode found under data_dir={data_dir!r} "
+                     "(layout: <split>/<label>/<image>)")
 
 
 def _image_shape(path: str) -> tuple[int, int, int]:
@@ -143,12 +160,20 @@ def _decode(path: str, channels: int) -> np.ndarray:
     return array.reshape(*array.shape[:2], channels)
 
 
-def _folder_split(data_dir: str, split: str, cache_dir: str | None) -> tuple[np.ndarray, np.ndarray]:
+def _folder_split(data_dir: str, split: str, cache_dir: str | None,
+                  bad: input_pipeline.BadExamples) -> tuple[np.ndarray, np.ndarray]:
     splits, label_names = _folder_index(data_dir)
     _check_split(split, splits)
     files, first = splits[split], _folder_first_image(data_dir, splits)
     index = {name: i for i, name in enumerate(label_names)}
-    labels = np.array([index[label] for _, label in files], np.int32)
+
+    def labels_without(skipped):
+        return np.array([index[label] for rel, label in files if rel not in skipped], np.int32)
+
+    def report(skipped):  # to bad, which decides whether the run goes on
+        for rel, why in skipped.items():
+            bad.found(split, os.path.join(data_dir, rel), len(files), why)
+            bad.check()  # "error": at the first
 
     cache = None
     if cache_dir:  # keyed by what the arrays depend on, read without opening an image
@@ -163,35 +188,44 @@ def _folder_split(data_dir: str, split: str, cache_dir: str | None) -> tuple[np.
             try:
                 with np.load(cache, allow_pickle=False) as f:
                     images, cached_labels = f["images"], f["labels"]
+                    skipped = dict(zip(f["skipped"].tolist(), f["skipped_why"].tolist()))
+                labels = labels_without(skipped)
                 if np.array_equal(cached_labels, labels):
                     logging.info("Read %d decoded %s images of %s from %s", len(labels), split, data_dir, cache)
+                    report(skipped)
                     return images, labels
             except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
                 logging.warning("Decoding again: cannot read the cache %s (%s)", cache, e)
 
     channels = _image_shape(os.path.join(data_dir, first))[-1]
-    images, size = None, None
+    images, size, sized_by, skipped = None, None, None, {}
     step = max(1, len(files) // 10)
     logging.info("Decoding the %d %s images of %s", len(files), split, data_dir)
     for i, (rel, _) in enumerate(files):
         path = os.path.join(data_dir, rel)
-        image = _decode(path, channels)
+        try:
+            image = _decode(path, channels)
+        except ValueError as e:
+            skipped[rel] = str(e.__cause__ or e)
+            report({rel: skipped[rel]})
+            continue
         if images is None:
-            size, images = image.shape[:2], np.empty((len(files), *image.shape), np.uint8)
+            size, sized_by, images = image.shape[:2], path, np.empty((len(files), *image.shape), np.uint8)
         elif image.shape[:2] != size:
             raise ValueError(f"All images of split {split!r} must have the same size (H, W) = {tuple(size)} as "
-                             f"{os.path.join(data_dir, files[0][0])}, but {path} has (H, W) = {image.shape[:2]}")
-        images[i] = image
+                             f"{sized_by}, but {path} has (H, W) = {image.shape[:2]}")
+        images[i - len(skipped)] = image
         if (i + 1) % step == 0 or i + 1 == len(files):
             logging.info("Decoded %d / %d %s images (%d%%)", i + 1, len(files), split, 100 * (i + 1) // len(files))
-    if images is None:
-        images = np.zeros((0, 1, 1, channels), np.uint8)
+    images = images[:len(files) - len(skipped)] if images is not None else np.zeros((0, 1, 1, channels), np.uint8)
+    labels = labels_without(skipped)
 
     if cache:
         os.makedirs(cache_dir, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=cache_dir, prefix=".tmp-", suffix=".npz", delete=False) as tmp:
             try:
-                np.savez(tmp, images=images, labels=labels)
+                np.savez(tmp, images=images, labels=labels, skipped=np.array(list(skipped), str),
+                         skipped_why=np.array(list(skipped.values()), str))
             except BaseException:
                 os.remove(tmp.name)
                 raise
@@ -200,26 +234,38 @@ def _folder_split(data_dir: str, split: str, cache_dir: str | None) -> tuple[np.
     return images, labels
 
 
-def _tfds_split(data_config, split: str) -> tuple[np.ndarray, np.ndarray]:
-    import tensorflow_datasets as tfds  # a tfds catalog name: the only use of TensorFlow here
-    builder = input_pipeline._tfds_builder(data_config.name, data_config.get("data_dir"))  # never downloads
-    _check_split(split, builder.info.splits.keys())
-    image_key, label_key = builder.info.supervised_keys or ("image", "label")
-    data = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))
-    images, labels = np.asarray(data[image_key]), np.asarray(data[label_key])
-    if images.dtype != np.uint8:
-        raise ValueError(f"tfds {data_config.name!r}: images must be uint8, got {images.dtype}")
-    return (images[..., None] if images.ndim == 3 else images), labels.astype(np.int32)
+def _tfds_split(data_config, split: str, bad: input_pipeline.BadExamples) -> tuple[np.ndarray, np.ndarray]:
+    """As the tf.data path reads it (a tfds catalog name: the only use of TensorFlow here): records
+    that do not decode go to bad, named by their tfds_id."""
+    ip = input_pipeline
+    source = ip._tfds_source(data_config.name, data_config.get("data_dir"), split)  # never downloads
+    ds = source.read(0, source.num_examples).map(functools.partial(ip._decoded, source),
+                                                 num_parallel_calls=ip._AUTOTUNE)
+    ds = ds.filter(ip._keep(bad, split, source.num_examples)).map(lambda ex: (ex["image"], ex["label"]))
+    images, labels = [], []
+    for image, label in ds.batch(1024).prefetch(1).as_numpy_iterator():
+        bad.check()
+        images.append(image)
+        labels.append(label)
+    bad.check()
+    if not images:
+        return np.zeros((0, 1, 1, source.channels), np.uint8), np.zeros((0,), np.int32)
+    return np.concatenate(images), np.concatenate(labels).astype(np.int32)
 
 
-def load_split(data_config, split: str, cache_dir: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+def load_split(data_config, split: str, cache_dir: str | None = None,
+               bad: input_pipeline.BadExamples | None = None) -> tuple[np.ndarray, np.ndarray]:
     """A whole split in memory: images uint8 [N, H, W, C], labels int32 [N].
 
     "mnist5k", "npz" and "folder" never import TensorFlow; "folder" is decoded once and cached
     in cache_dir (when given) under a name keyed by its file list (names, sizes, mtimes), the label
-    names and the file its channel count comes from. Raises ValueError for an unknown split, a
-    malformed npz, images of different sizes within a split, or a file that does not decode.
+    names and the file its channel count comes from. An image that does not decode goes to bad
+    (default: a new BadExamples of data_config): with data.bad_images "skip" it is left out (so N
+    is smaller than get_info's count), with "error" it raises input_pipeline.BadDataError naming
+    it, as does "skip" with more than data.max_bad_fraction of the split bad. Raises ValueError
+    for an unknown split, a malformed npz or images of different sizes within a split.
     """
+    bad = bad if bad is not None else input_pipeline.BadExamples(data_config)
     name = data_config.name
     if name == "mnist5k":
         arrays = input_pipeline._mnist5k_arrays()
@@ -228,15 +274,17 @@ def load_split(data_config, split: str, cache_dir: str | None = None) -> tuple[n
     if name == "npz":
         return _npz_split(data_config.get("data_dir"), split)
     if name == "folder":
-        return _folder_split(data_config.get("data_dir"), split, cache_dir)
-    return _tfds_split(data_config, split)
+        return _folder_split(data_config.get("data_dir"), split, cache_dir, bad)
+    return _tfds_split(data_config, split, bad)
 
 
 def get_info(data_config, cache_dir: str | None = None) -> input_pipeline.DatasetInfo:
     """Classes, image shape (H, W, C) and split sizes of the device path (the data's own shape: no
-    augment changes it). TF-free for the in-memory sources; "folder" reads only the headers of
-    two images. cache_dir is accepted for symmetry with load_split; no source needs it here."""
+    augment changes it; the split sizes count every file, load_split may skip some). TF-free for the
+    in-memory sources; "folder" opens only the first images of the splits. cache_dir is accepted for
+    symmetry with load_split; no source needs it here."""
     del cache_dir
+    input_pipeline.check_bad_images_options(data_config)
     name, train, test = data_config.name, data_config.train_split, data_config.eval_split
     if name == "mnist5k":
         arrays = input_pipeline._mnist5k_arrays()
@@ -265,7 +313,7 @@ def get_info(data_config, cache_dir: str | None = None) -> input_pipeline.Datase
         first = os.path.join(data_dir, _folder_first_image(data_dir, splits))
         shape = _image_shape(first)
         for path in (os.path.join(data_dir, splits[s][0][0]) for s in (train, test) if splits[s]):
-            if _image_shape(path)[:2] != shape[:2]:  # load_split checks all the others
+            if _decodes(path) and _image_shape(path)[:2] != shape[:2]:  # load_split checks all the others
                 raise ValueError(f"{path} has (H, W) = {_image_shape(path)[:2]}, but {first} has {shape[:2]}: "
                                  "the device path needs images of one size")
         return input_pipeline.DatasetInfo(len(label_names), shape, len(splits[train]), len(splits[test]))

@@ -63,7 +63,7 @@ def make_masks_fn(model, mesh, variables_sharding=None):
                    out_shardings=sharding.replicated(mesh))
 
 
-def evaluate(variables, eval_fn, config, mesh, masks_fn=None) -> dict:
+def evaluate(variables, eval_fn, config, mesh, masks_fn=None, bad=None) -> dict:
     """Top-1, top-5 and mean loss over config's whole eval split (every example exactly once).
 
     Args:
@@ -74,6 +74,7 @@ def evaluate(variables, eval_fn, config, mesh, masks_fn=None) -> dict:
       mesh: the device mesh (sharding.make_mesh).
       masks_fn: make_masks_fn's function: selects and folds the masks once here rather than
         in every eval batch (without it, each batch selects them).
+      bad: an input_pipeline.BadExamples to record the examples that do not decode in.
 
     Returns:
       {"top1", "top5", "loss", "count"}: fractions, the mean loss, and the number of examples.
@@ -82,7 +83,7 @@ def evaluate(variables, eval_fn, config, mesh, masks_fn=None) -> dict:
         variables = masks_fn(variables)
     totals = None
     local, _ = sharding.eval_batch_sizes(config.get("eval_batch_size") or config.batch_size, mesh)
-    for batch in input_pipeline.eval_iterator(config.data, batch_size=local):
+    for batch in input_pipeline.eval_iterator(config.data, batch_size=local, bad=bad):
         sums = eval_fn(variables, sharding.to_global(batch, mesh))
         totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
     totals = jax.device_get(totals)

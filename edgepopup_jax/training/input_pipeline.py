@@ -14,6 +14,15 @@ shard of the split. Epoch e is `shard.shuffle(seed=S_e)` with S_e derived from
 where i is the example's index in the split. So any epoch can be rebuilt on its own,
 and resuming at step s rebuilds epoch s // steps_per_epoch and skips
 (s % steps_per_epoch) * batch_size examples of that epoch only, before decoding.
+
+Broken images (encoded sources: folders, tfds). Every image is decoded by its content (a JPEG
+named .png decodes), converted to the data set's channels; one that does not decode is dropped
+from the stream and reported to a `BadExamples`: data.bad_images="error" stops the run at the
+first (`BadDataError` naming the file, or the tfds record's tfds_id), "skip" counts it and stops
+only when more than data.max_bad_fraction of a split's examples are bad. With "skip" an epoch
+keeps its steps_per_epoch batches (topped up with the first examples of its file order); resumed
+mid-epoch without data.cache, the rest of that epoch can be shifted by the examples skipped
+before the resume point.
 """
 
 from __future__ import annotations
@@ -25,10 +34,12 @@ import importlib.util
 import itertools
 import math
 import os
+import threading
 from typing import Callable, Iterator
 
 import jax
 import numpy as np
+from absl import logging
 from etils import epy
 
 
@@ -50,6 +61,7 @@ with epy.lazy_imports(success_callback=_hide_accelerators_from_tf,
     import tensorflow_datasets as tfds
 
 AUGMENTS = ("none", "cifar", "imagenet")
+BAD_IMAGES = ("error", "skip")
 _AUTOTUNE = -1  # tf.data.AUTOTUNE, without importing TensorFlow
 _CROP_PADDING = 4
 _EVAL_CROP_FRACTION = 0.875
@@ -73,6 +85,87 @@ class _Source:
     read: Callable[..., tf.data.Dataset]
     decode: Callable[[tf.Tensor], tf.Tensor]
     channels: int | None = None  # set for encoded images (bytes): JPEGs can decode only the crop
+
+
+# ----------------------------------------------------------------------------- bad examples
+
+
+class BadDataError(ValueError):
+    """An example that does not decode (data.bad_images="error"), or more of them than
+    data.max_bad_fraction of a split (data.bad_images="skip")."""
+
+
+def check_bad_images_options(config) -> tuple[str, float]:
+    """(data.bad_images, data.max_bad_fraction), checked; ValueError naming the field."""
+    mode, fraction = config.get("bad_images", "error"), config.get("max_bad_fraction", 0.001)
+    if mode not in BAD_IMAGES:
+        raise ValueError(f"Unknown data.bad_images={mode!r}; allowed: {list(BAD_IMAGES)}")
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction <= 1:
+        raise ValueError(f"data.max_bad_fraction must be a number in [0, 1] (the fraction of a split's "
+                         f"examples that may be bad with data.bad_images='skip'), got {fraction!r}")
+    return mode, float(fraction)
+
+
+HOW_TO_LIST = "`python -m edgepopup_jax.check_data --config=...` lists every bad file"
+
+
+class BadExamples:
+    """The examples of a run that did not decode, per split, and what data.bad_images makes of
+    them. `found` may be called from any thread (tf.data's); `check` raises its verdict in the
+    caller's (the iterators call it before every batch)."""
+
+    LOGGED = 10  # the first names logged
+
+    def __init__(self, config):
+        self.mode, self.max_fraction = check_bad_images_options(config)
+        self.names: dict[str, dict[str, None]] = {}  # split -> its bad names, in the order found
+        self._lock = threading.Lock()
+        self._error: str | None = None
+
+    @property
+    def count(self) -> int:
+        return sum(len(n) for n in self.names.values())
+
+    def all_names(self) -> list[str]:
+        return [name for names in self.names.values() for name in names]
+
+    def found(self, split: str, name: str, split_size: int, why: str = "") -> None:
+        with self._lock:
+            names = self.names.setdefault(split, {})
+            if name in names:
+                return
+            names[name] = None
+            why = f" ({why})" if why else ""
+            if self.mode == "error":
+                self._error = self._error or (
+                    f"cannot decode {name}{why}; data.bad_images='skip' drops such examples, {HOW_TO_LIST}")
+                return
+            if self.count <= self.LOGGED:
+                logging.warning("skipping %s: it does not decode%s (data.bad_images='skip')%s", name, why,
+                                "; further ones are counted, not logged" if self.count == self.LOGGED else "")
+            if len(names) > self.max_fraction * split_size and self._error is None:
+                listed = list(names)
+                self._error = (f"{len(listed)} of the {split_size} examples of split {split!r} do not decode, more "
+                               f"than data.max_bad_fraction={self.max_fraction:g}: {', '.join(listed[:20])}"
+                               f"{' ...' if len(listed) > 20 else ''}; {HOW_TO_LIST}")
+
+    def check(self) -> None:
+        """Raises BadDataError when the bad examples found so far stop the run."""
+        if self._error is not None:
+            raise BadDataError(self._error)
+
+
+def _keep(bad: BadExamples, split: str, split_size: int):
+    """A filter predicate on examples with "ok" and "name": True for those that decoded; the
+    others go to bad.found (Python, called only for them)."""
+    def record(name):
+        bad.found(split, name.numpy().decode("utf-8", "replace"), split_size)
+        return False
+
+    def keep(ex):
+        return tf.cond(ex["ok"], lambda: tf.constant(True),
+                       lambda: tf.reshape(tf.py_function(record, [ex["name"]], tf.bool), []))
+    return keep
 
 
 # ----------------------------------------------------------------------------- sources
@@ -109,7 +202,7 @@ def _mnist5k_source(split: str) -> _Source:
     return _Source(
         num_examples=len(labels),
         read=lambda start, end, file_seed=None: tf.data.Dataset.from_tensor_slices(  # in memory: no files
-            {"image": images[start:end], "label": labels[start:end]}
+            {"image": images[start:end], "label": labels[start:end], "name": np.full(end - start, "")}
         ),
         decode=lambda image: image,
     )
@@ -123,7 +216,31 @@ def _image_folder(data_dir: str) -> tfds.folder_dataset.ImageFolder:
 
 
 def _decode_image(raw: tf.Tensor, channels: int) -> tf.Tensor:
+    """Decoded by content (JPEG, PNG, GIF, BMP, WebP, whatever the file is named), as `channels`."""
     return tf.io.decode_image(raw, channels=channels, expand_animations=False)
+
+
+def _decode_as_grey(raw: tf.Tensor) -> tf.Tensor:
+    """For the images TF decodes only in colour (CMYK JPEGs, GIF, BMP, WebP): RGB, then the
+    luma PIL's convert("L") takes (ITU-R 601-2)."""
+    rgb = tf.cast(_decode_image(raw, 3), tf.float32)
+    return tf.cast(tf.round(tf.tensordot(rgb, tf.constant([0.299, 0.587, 0.114]), 1))[..., None], tf.uint8)
+
+
+def _first_that_runs(fns, args, channels: int):
+    """(fns[k](*args), True) for the first k that runs without an error, else (an empty image,
+    False): TF has no try/except, but a one-element dataset that drops errors is one."""
+    ds = None
+    for fn in fns:
+        attempt = tf.data.Dataset.from_tensors(args).map(lambda *a, fn=fn: (fn(*a), True)).ignore_errors()
+        ds = attempt if ds is None else ds.concatenate(attempt)
+    ds = ds.concatenate(tf.data.Dataset.from_tensors((tf.zeros([0, 0, channels], tf.uint8), False)))
+    return ds.take(1).get_single_element()
+
+
+def _decoders(source: _Source) -> tuple:
+    """The ways to decode one of source's raw images, tried in turn."""
+    return (source.decode, _decode_as_grey) if source.channels == 1 else (source.decode,)
 
 
 def _folder_source(data_dir: str, split: str) -> _Source:
@@ -141,7 +258,8 @@ def _folder_source(data_dir: str, split: str) -> _Source:
         if file_seed is not None:
             order = np.random.default_rng(file_seed).permutation(order)
         return tf.data.Dataset.from_tensor_slices({"image": paths[order], "label": labels[order]}).map(
-            lambda ex: {"image": tf.io.read_file(ex["image"]), "label": ex["label"]}, num_parallel_calls=_AUTOTUNE)
+            lambda ex: {"image": tf.io.read_file(ex["image"]), "label": ex["label"], "name": ex["image"]},
+            num_parallel_calls=_AUTOTUNE)
 
     return _Source(
         num_examples=len(examples),
@@ -156,10 +274,15 @@ def _folder_first_image_shape(data_dir: str) -> tuple[int, int, int]:
     builder = _image_folder(data_dir)
     for split in sorted(builder.info.splits.keys()):
         examples = builder._split_examples[split]  # pylint: disable=protected-access
-        if examples:
-            image = tf.io.decode_image(tf.io.read_file(examples[0].image_path), expand_animations=False)
-            return tuple(int(d) for d in image.shape)
-    raise ValueError(f"No images (.png/.jpg/.jpeg) found under data_dir={data_dir!r} (layout: <split>/<label>/<image>)")
+        for example in examples:  # the first that decodes; the pipelines report the others
+            try:
+                image = tf.io.decode_image(tf.io.read_file(example.image_path), expand_animations=False)
+            except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError):
+                continue
+            # 1 for grey (and grey + alpha), else 3: RGBA, CMYK, ... convert to RGB (as the device path)
+            return (*(int(d) for d in image.shape[:2]), 1 if image.shape[-1] in (1, 2) else 3)
+    raise ValueError(f"No images (.png/.jpg/.jpeg) that decode found under data_dir={data_dir!r} "
+                     "(layout: <split>/<label>/<image>)")
 
 
 def _folder_channels(data_dir: str) -> int:
@@ -194,10 +317,11 @@ def _tfds_source(name: str, data_dir: str | None, split: str) -> _Source:
             split=f"{split}[{start}:{end}]",
             shuffle_files=file_seed is not None,
             read_config=tfds.ReadConfig(shuffle_seed=file_seed, shuffle_reshuffle_each_iteration=False,
-                                        options=_options()),
+                                        options=_options(), add_tfds_id=True),  # names a bad record
             decoders={image_key: tfds.decode.SkipDecoding()},  # decode after shuffle/skip
         )
-        return ds.map(lambda ex: {"image": ex[image_key], "label": tf.cast(ex[label_key], tf.int32)})
+        return ds.map(lambda ex: {"image": ex[image_key], "label": tf.cast(ex[label_key], tf.int32),
+                                  "name": ex["tfds_id"]})
 
     return _Source(
         num_examples=builder.info.splits[split].num_examples,
@@ -227,6 +351,7 @@ def get_info(config, prepared: bool = True) -> DatasetInfo:
     """Classes, model input shape and split sizes. prepared=False (for the preflight, which needs
     no data) accepts an unprepared tfds data set: its split sizes are then reported as 0."""
     _check_augment(config)
+    check_bad_images_options(config)
     if prepared or config.name in ("mnist5k", "folder"):
         train, evals = _source(config, config.train_split), _source(config, config.eval_split)
         num_train, num_eval = train.num_examples, evals.num_examples
@@ -388,6 +513,16 @@ def _epoch_seed(seed: int, epoch: int) -> int:
     return int(np.random.SeedSequence([seed % 2**63, epoch]).generate_state(1, np.uint32)[0])
 
 
+def _decoded(source: _Source, ex: dict, transform=lambda image: image, fused=None) -> dict:
+    """ex with its "image" decoded (by fused(raw), when given, else source's decoders) and
+    transformed, and "ok": False for an image that does not decode (its "image" is then empty)."""
+    if source.channels is None:  # in memory: nothing to decode
+        return {**ex, "image": transform(source.decode(ex["image"])), "ok": tf.constant(True)}
+    fns = [lambda raw, d=d: transform(d(raw)) for d in _decoders(source)]
+    image, ok = _first_that_runs(([fused] if fused else []) + fns, (ex["image"],), source.channels)
+    return {**ex, "image": image, "ok": ok}
+
+
 def _options() -> tf.data.Options:
     options = tf.data.Options()
     options.deterministic = True
@@ -395,17 +530,19 @@ def _options() -> tf.data.Options:
 
 
 def train_iterator(
-    config, batch_size: int, seed: int = 0, start_step: int = 0, process_index=None, process_count=None
+    config, batch_size: int, seed: int = 0, start_step: int = 0, process_index=None, process_count=None,
+    bad: BadExamples | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
     """This process's endless, deterministic stream of training batches.
 
     Args:
       config: the config's `data` section (name, data_dir, train_split, augment, image_size,
-        shuffle_buffer, cache).
+        shuffle_buffer, cache, bad_images, max_bad_fraction).
       batch_size: examples per batch on this process (the global batch / process count).
       seed: fixes the shuffle order and augmentation of every epoch.
       start_step: the first batch to yield, as if that many had been taken (for resuming).
       process_index, process_count: this process's shard (default: jax's).
+      bad: where the examples that do not decode are recorded (default: a new BadExamples).
 
     Returns:
       An iterator of {"image": uint8 [B, H, W, C], "label": int32 [B]}. Images are pixels: the
@@ -414,9 +551,12 @@ def train_iterator(
     Raises:
       ValueError: an unknown dataset, split or augment, a data set that is not prepared, or a
         batch size that is not positive or exceeds this process's shard.
+      BadDataError (a ValueError), from next(): an example that does not decode (bad_images
+        "error"), or too many (more than max_bad_fraction of the shard, "skip").
     """
     _check_augment(config)
     _check_batch_size(batch_size)
+    bad = bad if bad is not None else BadExamples(config)
     index, count = _process(process_index, process_count)
     source = _source(config, config.train_split)
     shard_size = source.num_examples // count  # equal shards; the last num_train % count examples are unused
@@ -424,6 +564,10 @@ def train_iterator(
     if steps == 0:
         raise ValueError(f"batch_size={batch_size} exceeds the {shard_size} train examples of this process's shard")
     start = index * shard_size
+    keep = _keep(bad, config.train_split, shard_size)
+
+    def keep_indexed(i, ex):
+        return keep(ex)
 
     def indexed(file_seed=None):
         # Attach each example's position (in the split, or in this epoch's file order): it seeds
@@ -431,14 +575,11 @@ def train_iterator(
         return tf.data.Dataset.zip(tf.data.Dataset.range(start, start + shard_size),
                                    source.read(start, start + shard_size, file_seed=file_seed))
 
-    decode = source.decode
     # ImageNet-style training from encoded images: decode only the random crop of each JPEG.
     fused_crop = config.augment == "imagenet" and source.channels is not None and not config.cache
     cached = None
-    if config.cache:
-        cached = indexed().map(lambda i, ex: (i, {**ex, "image": decode(ex["image"])}),
-                               num_parallel_calls=_AUTOTUNE).cache()
-        decode = lambda image: image  # noqa: E731
+    if config.cache:  # decoded once; the examples that do not decode are kept out after the shuffle
+        cached = indexed().map(lambda i, ex: (i, _decoded(source, ex)), num_parallel_calls=_AUTOTUNE).cache()
 
     def epoch_batches(epoch: int, skip_steps: int) -> tf.data.Dataset:
         epoch_seed = _epoch_seed(seed, epoch)
@@ -448,28 +589,38 @@ def train_iterator(
 
         def transform(i, ex):
             aug_seed = tf.stack([tf.constant(epoch_seed, tf.int64), i])
-            if fused_crop:
-                image = _to_uint8(_decode_random_resized_crop(
-                    ex["image"], aug_seed, config.image_size, source.channels))
-            else:
-                image = _train_transform(config, decode(ex["image"]), aug_seed)
-            return {"image": image, "label": tf.cast(ex["label"], tf.int32)}
+            if cached is not None:
+                return {**ex, "image": _train_transform(config, ex["image"], aug_seed)}
+            fused = (lambda raw: _to_uint8(_decode_random_resized_crop(raw, aug_seed, config.image_size,
+                                                                       source.channels))) if fused_crop else None
+            return _decoded(source, ex, lambda image: _train_transform(config, image, aug_seed), fused)
 
         ds = base.shuffle(config.shuffle_buffer, seed=epoch_seed, reshuffle_each_iteration=False)
+        if cached is not None:
+            ds, base = ds.filter(keep_indexed), base.filter(keep_indexed)
+        if bad.mode == "skip":  # topped up, so that an epoch with skipped examples has `steps` batches
+            ds = ds.concatenate(base)
         ds = ds.skip(skip_steps * batch_size).map(transform, num_parallel_calls=_AUTOTUNE)
+        if cached is None:
+            ds = ds.filter(keep)
+        ds = ds.map(lambda ex: {"image": ex["image"], "label": tf.cast(ex["label"], tf.int32)})
+        ds = ds.take((steps - skip_steps) * batch_size)
         return ds.batch(batch_size, drop_remainder=True).prefetch(_AUTOTUNE).with_options(_options())
 
     first_epoch, skip = divmod(start_step, steps)
     for epoch in itertools.count(first_epoch):
         produced = 0
         for batch in epoch_batches(epoch, skip if epoch == first_epoch else 0).as_numpy_iterator():
+            bad.check()
             produced += 1
             yield batch
+        bad.check()
         if produced < steps - (skip if epoch == first_epoch else 0):  # else a short source would loop silently
             raise RuntimeError(f"epoch {epoch} gave {produced} batches, expected {steps}: the data is shorter than declared")
 
 
-def eval_iterator(config, batch_size: int, process_index=None, process_count=None) -> Iterator[dict[str, np.ndarray]]:
+def eval_iterator(config, batch_size: int, process_index=None, process_count=None,
+                  bad: BadExamples | None = None) -> Iterator[dict[str, np.ndarray]]:
     """The whole eval split once, every example exactly once over all processes.
 
     Process p reads the p-th of process_count contiguous chunks of ceil(num_eval / process_count)
@@ -479,6 +630,8 @@ def eval_iterator(config, batch_size: int, process_index=None, process_count=Non
       config: the config's `data` section.
       batch_size: examples per batch on this process.
       process_index, process_count: this process's shard (default: jax's).
+      bad: where the examples that do not decode are recorded (default: a new BadExamples);
+        with data.bad_images "skip" they are left out (the batches' padding grows).
 
     Returns:
       An iterator of {"image": uint8 [B, H, W, C], "label": int32 [B], "valid": float32 [B]};
@@ -486,9 +639,11 @@ def eval_iterator(config, batch_size: int, process_index=None, process_count=Non
 
     Raises:
       ValueError: an unknown dataset, split or augment, or a non-positive batch size.
+      BadDataError (a ValueError), from next(): as train_iterator's.
     """
     _check_augment(config)
     _check_batch_size(batch_size)
+    bad = bad if bad is not None else BadExamples(config)
     index, count = _process(process_index, process_count)
     info = get_info(config)
     source = _source(config, config.eval_split)
@@ -498,14 +653,18 @@ def eval_iterator(config, batch_size: int, process_index=None, process_count=Non
     num_batches = num_eval_batches(info, batch_size, count)
 
     def transform(ex):
-        return {"image": _eval_transform(config, source.decode(ex["image"])), "label": tf.cast(ex["label"], tf.int32)}
+        ex = _decoded(source, ex, functools.partial(_eval_transform, config))
+        return {**ex, "label": tf.cast(ex["label"], tf.int32)}
 
     batches = iter(())
     if end > start:
-        ds = source.read(start, end).map(transform, num_parallel_calls=_AUTOTUNE)
+        ds = source.read(start, end).map(transform, num_parallel_calls=_AUTOTUNE).filter(
+            _keep(bad, config.eval_split, end - start))
+        ds = ds.map(lambda ex: {"image": ex["image"], "label": ex["label"]})
         batches = ds.batch(batch_size).prefetch(_AUTOTUNE).with_options(_options()).as_numpy_iterator()
     for _ in range(num_batches):
         batch = next(batches, None)
+        bad.check()
         real = 0 if batch is None else len(batch["label"])
         if real == batch_size:
             yield {**batch, "valid": np.ones((batch_size,), np.float32)}

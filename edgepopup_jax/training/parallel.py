@@ -397,6 +397,12 @@ def train_group(configs: list, workdirs: list, *, devices=None, cache_dir: str |
                                           ".data_cache")
     info = device_data.get_info(base.data, cache_dir)
     group = make_group(list(configs), info)
+    bad = input_pipeline.BadExamples(base.data)  # every image is decoded here, before training
+    train_images, train_labels = device_data.load_split(base.data, base.data.train_split, cache_dir, bad)
+    eval_images, eval_labels = device_data.load_split(base.data, base.data.eval_split, cache_dir, bad)
+    if bad.count:  # the epochs are those of the examples that decoded
+        info = dataclasses.replace(info, num_train=len(train_labels), num_eval=len(eval_labels))
+        group = make_group(list(configs), info)
     mesh = make_mesh(group.size, base.batch_size, devices, base.get("parallel_split", "runs"))
     # A data set that does not fit in data.device_memory_fraction of a device's memory stays in
     # host memory: every step's batches are gathered and augmented there (by the same functions,
@@ -409,8 +415,6 @@ def train_group(configs: list, workdirs: list, *, devices=None, cache_dir: str |
     runs_sh = NamedSharding(mesh, PartitionSpec(RUNS_AXIS))
     repl = NamedSharding(mesh, PartitionSpec())
 
-    train_images, train_labels = device_data.load_split(base.data, base.data.train_split, cache_dir)
-    eval_images, eval_labels = device_data.load_split(base.data, base.data.eval_split, cache_dir)
     eval_batch = base.get("eval_batch_size") or base.batch_size
     eval_data = jax.device_put(device_data.eval_batches(eval_images, eval_labels, eval_batch), repl)
     seeds = np.array([c.seed for c in configs], np.int32)
@@ -616,6 +620,7 @@ def train_group(configs: list, workdirs: list, *, devices=None, cache_dir: str |
             "keep_fraction_schedule": ({**dataclasses.asdict(group.schedules[r]),
                                         "final": group.keep_fractions(step)[r]}
                                        if group.schedules[r].active else None),
+            "skipped_examples": bad.count, "skipped_files": bad.all_names()[:100],
             "group": {"size": group.size, "index": r, "mesh": dict(mesh.shape)},
             "config": config.to_dict(),
         }

@@ -367,8 +367,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devic
 
     writer = MetricWriter(workdir)
     start_step = int(state.step)
+    bad = input_pipeline.BadExamples(config.data)  # the examples that do not decode
     train_iter = input_pipeline.train_iterator(config.data, batch_size=local_batch, seed=config.seed,
-                                               start_step=start_step)
+                                               start_step=start_step, bad=bad)
     logging.info("Training %s on %s: %d steps (%d per epoch), global batch %d on %d devices, "
                  "%d processes; eval batch %d (%d per device)", config.model.name, config.data.name,
                  total_steps, steps_per_epoch, config.batch_size, mesh.devices.size, num_processes,
@@ -385,7 +386,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devic
                               "train/learning_rate": lr, "train/images_per_sec": images_per_sec})
 
     def run_evaluation(step):
-        result = evaluation.evaluate(state.variables(), steps.eval, config, mesh, steps.masks)
+        result = evaluation.evaluate(state.variables(), steps.eval, config, mesh, steps.masks, bad=bad)
         history["eval"].append({"step": step, "epoch": step / steps_per_epoch, **result})
         logging.info("eval at step %d: top-1 %.4f  top-5 %.4f  loss %.4f (%d examples)",
                      step, result["top1"], result["top5"], result["loss"], result["count"])
@@ -437,7 +438,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devic
                     checkpointer.wait()  # the step's checkpoint is complete before evaluating
                     last_eval = run_evaluation(step)
         if last_eval is None and not preempted:  # resumed a finished run: nothing to train, still report
-            last_eval = evaluation.evaluate(state.variables(), steps.eval, config, mesh, steps.masks)
+            last_eval = evaluation.evaluate(state.variables(), steps.eval, config, mesh, steps.masks,
+                                            bad=bad)
+    except input_pipeline.BadDataError:  # the state so far trained on good data: keep it
+        if checkpointer.latest_step() != step:
+            since_log.check_finite(checkpointer.latest_step())
+            checkpointer.save(step, state, meta.to_json(), force=True)
+            logging.info("Stopping at step %d (data that does not decode); checkpoint saved", step)
+        raise
     finally:
         checkpointer.close()
         writer.close()
@@ -462,6 +470,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devic
         "num_devices": int(mesh.devices.size), "num_processes": num_processes,
         "data_order_changed": data_order_change,
         "corrupt_checkpoint": corrupt_record(corrupt, start_step or None),
+        "skipped_examples": bad.count, "skipped_files": bad.all_names()[:100],
         "config": config.to_dict(),
     }
     if jax.process_index() == 0:
