@@ -475,9 +475,9 @@ def train_group(configs: list, workdirs: list, *, devices=None, cache_dir: str |
         nonlocal pending, since, throughput_steps
         got = jax.device_get(pending)
         for r in live():
-            bad = next(((s, m) for s, m in got if not m["finite"][r]), None)
-            if bad is not None:
-                s, m = bad
+            nonfinite = next(((s, m) for s, m in got if not m["finite"][r]), None)
+            if nonfinite is not None:
+                s, m = nonfinite
                 message = train.diverged_message(s, float(m["loss"][r]),
                                                  checkpointers[r].latest_step())
                 diverged[r] = {"status": "diverged", "message": message, "step": s,
