@@ -27,6 +27,14 @@ def get_base() -> ml_collections.ConfigDict:
     c.model.keep_fraction_start = 1.0
     c.model.keep_fraction_anneal_epochs = 0.0
     c.model.keep_fraction_anneal = "linear"
+    # IteRand (training/iterand.py): every rerand_every steps (0: off) the pruned weights are
+    # redrawn, each with probability rerand_rate (bernoulli), or w <- rerand_lambda w +
+    # rerand_mu w_fresh (manual)
+    c.model.rerand_every = 0
+    c.model.rerand_rate = 0.1
+    c.model.rerand_mode = "bernoulli"
+    c.model.rerand_lambda = 1.0
+    c.model.rerand_mu = 0.0
     c.model.dense_first = False
     c.model.dense_last = False
     c.model.compute_dtype = "float32"  # "bfloat16" on accelerators

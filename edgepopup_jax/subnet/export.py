@@ -10,7 +10,7 @@ import sys
 from absl import app, flags
 
 from edgepopup_jax.training import checkpoint as ckpt_lib
-from edgepopup_jax.training import command, sparsity
+from edgepopup_jax.training import command, train
 from edgepopup_jax.subnet import io as subnet
 
 FLAGS = flags.FLAGS
@@ -26,7 +26,7 @@ def training_variables(workdir: str, step: int | None = None):
     """(model_name, model_options, variables, meta) of a training checkpoint in workdir."""
     state, meta = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                         async_save=False).restore_raw(step)
-    options = sparsity.model_options(meta["model"])
+    options = train.model_options(meta["model"])
     name = options.pop("name")
     if meta.get("keep_fraction") is not None:  # saved during a sparsity schedule: that step's k
         options["keep_fraction"] = meta["keep_fraction"]

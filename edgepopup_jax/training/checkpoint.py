@@ -41,7 +41,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
-from edgepopup_jax.training import sparsity
+from edgepopup_jax.training import iterand, sparsity
 
 
 class _HideOrbaxInfo(pylogging.Filter):
@@ -118,7 +118,8 @@ FORMAT_VERSION = 2  # 2: meta holds "format" and the state's "checksum"; 1 (no "
 
 # Model options added after checkpoints were first written, with the value older runs had
 # (also the value of a config without the option: bn_running_var is only in ResNet configs).
-ADDED_MODEL_OPTIONS = {"mask_scope": "layer", "bn_running_var": "biased", **sparsity.DEFAULTS}
+ADDED_MODEL_OPTIONS = {"mask_scope": "layer", "bn_running_var": "biased", **sparsity.DEFAULTS,
+                       **iterand.DEFAULTS}
 
 RUN_IDENTITY = ("model", "seed", "dataset", "batch_size")  # what a resumed run must match
 

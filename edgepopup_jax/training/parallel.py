@@ -37,8 +37,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from edgepopup_jax.core import masking, selection, summary
 from edgepopup_jax.training import checkpoint as ckpt_lib
-from edgepopup_jax.training import (device_data, evaluation, files, input_pipeline, optim, sparsity,
-                                    train)
+from edgepopup_jax.training import (device_data, evaluation, files, input_pipeline, iterand, optim,
+                                    sparsity, train)
 from edgepopup_jax.training.metric_writer import MetricWriter
 from edgepopup_jax.training.preemption import Preemption
 
@@ -268,6 +268,32 @@ def _eval_run(variables, hyper, eval_data, *, group: Group):
     return jax.lax.fori_loop(0, eval_data["label"].shape[0], body, zeros)
 
 
+def group_redraw(states, alive, hyper, step, *, group: Group):
+    """IteRand's redraw for every alive run (training/iterand.py): each run's pruned weights,
+    from its own init distribution (the fresh draw is made with every distinct model of the
+    group, and each run takes its own model's) and its own key."""
+    config = group.configs[0].model
+    keys = jax.vmap(iterand.redraw_key, in_axes=(0, None))(states.rng, step)
+    distinct = list(dict.fromkeys(group.models))
+    index = jnp.asarray([distinct.index(m) for m in group.models])
+    fresh = None
+    for d, m in enumerate(distinct):
+        drawn = jax.vmap(lambda k: iterand.fresh_weights(m, k, group.info.image_shape))(keys)
+        fresh = drawn if fresh is None else jax.tree.map(
+            lambda a, b: jnp.where((index == d).reshape((-1,) + (1,) * (a.ndim - 1)), a, b),
+            drawn, fresh)
+
+    def one(state, fresh_frozen, key, hyper_r):
+        masks = _masks(state.params, hyper_r, group)
+        return iterand.redraw(state.frozen, masks, fresh_frozen, key, mode=config.rerand_mode,
+                              rate=config.rerand_rate, lam=config.rerand_lambda, mu=config.rerand_mu)
+
+    frozen = jax.vmap(one)(states, fresh, keys, hyper)
+    frozen = jax.tree.map(lambda new, old: jnp.where(
+        alive.reshape((-1,) + (1,) * (new.ndim - 1)), new, old), frozen, states.frozen)
+    return states.replace(frozen=frozen)
+
+
 def group_eval(variables, hyper, eval_data, *, group: Group):
     return jax.vmap(functools.partial(_eval_run, group=group), in_axes=(0, 0, None))(
         variables, hyper, eval_data)
@@ -280,6 +306,7 @@ class GroupSteps:
     eval: Any  # (variables, hyper, eval_data) -> per-run sums
     permutations: Any  # (seeds, epoch) -> [R, N] this epoch's order of every run
     state_sharding: Any
+    redraw: Any = None  # IteRand: (states, alive, hyper, step) -> states; None when off
 
 
 def make_steps(group: Group, mesh: Mesh, on_host: bool = False) -> GroupSteps:
@@ -305,7 +332,13 @@ def make_steps(group: Group, mesh: Mesh, on_host: bool = False) -> GroupSteps:
     n = group.info.num_train
     perms = jax.jit(jax.vmap(lambda seed, epoch: device_data.epoch_permutation(seed, epoch, n),
                              in_axes=(0, None)), out_shardings=runs)
-    return GroupSteps(tuple(inits[m] for m in group.models), train_fn, eval_fn, perms, state_sh)
+    redraw = None
+    if iterand.active(config.model):
+        redraw = jax.jit(functools.partial(group_redraw, group=group),
+                         in_shardings=(state_sh, runs, {k: runs for k in HYPER}, None),
+                         out_shardings=state_sh, donate_argnums=0)
+    return GroupSteps(tuple(inits[m] for m in group.models), train_fn, eval_fn, perms, state_sh,
+                      redraw)
 
 
 def _stack(trees):
@@ -438,19 +471,24 @@ def train_group(configs: list, workdirs: list, *, devices=None, cache_dir: str |
     keep = base.get("keep_checkpoints", 3)
     checkpointers = [ckpt_lib.Checkpointer(os.path.join(str(w), "checkpoints"), max_to_keep=keep)
                      for w in workdirs]
+    rerand = steps.redraw is not None
     start, restored, corrupt = _restore_group(checkpointers, states, [m.identity() for m in metas],
                                               train.on_corrupt(base), say)
     if start is not None:
         for r, c in enumerate(checkpointers):
             states[r], saved = restored[r]
             metas[r] = dataclasses.replace(metas[r], history=ckpt_lib.RunMeta.from_json(saved).history)
-            if ckpt_lib.tree_hash(states[r].frozen) != frozen_hashes[r]:
+            # (IteRand's redraws change them: its checkpoints' checksums vouch for them instead)
+            if not rerand and ckpt_lib.tree_hash(states[r].frozen) != frozen_hashes[r]:
                 raise ckpt_lib.CheckpointError(f"{c.directory}: the frozen weights differ from "
                                                "this seed's")
         say(f"group of {group.size}: resumed from step {start}")
     histories = [m.history for m in metas]
     states = jax.device_put(_stack(states), steps.state_sharding)
     alive = jax.device_put(np.ones((group.size,), bool), runs_sh)
+    # The frozen weights as the last redraw left them (per leaf, all runs): nothing else may
+    # change them, and the end of the run checks that nothing did.
+    frozen_after_redraw = ckpt_lib.checksum(states.frozen) if rerand else None
     writers = [MetricWriter(str(w), tensorflow=False) for w in workdirs]
 
     every = train.Intervals(total=group.total_steps, log=base.get("log_every_steps", 50),
@@ -563,6 +601,9 @@ def train_group(configs: list, workdirs: list, *, devices=None, cache_dir: str |
                 if simulated_devices:
                     jax.block_until_ready(metrics)
                 step += 1
+                if rerand and iterand.due(base.model, step):
+                    states = steps.redraw(states, alive, {k: data[k] for k in HYPER}, step)
+                    frozen_after_redraw = ckpt_lib.checksum(states.frozen)
                 pending.append((step, metrics))
                 logging_now, evaluating, saving = (every.due(step, n) for n in
                                                    (every.log, every.eval, every.checkpoint))
@@ -590,6 +631,8 @@ def train_group(configs: list, workdirs: list, *, devices=None, cache_dir: str |
         for w in writers:
             w.close()
 
+    if rerand and ckpt_lib.checksum(states.frozen) != frozen_after_redraw:
+        raise RuntimeError("frozen weights changed between IteRand's redraws: this is a bug")
     wall = time.time() - t_start
     results = []
     for r, (config, workdir) in enumerate(zip(configs, workdirs)):
@@ -597,7 +640,7 @@ def train_group(configs: list, workdirs: list, *, devices=None, cache_dir: str |
             results.append(diverged[r])
             continue
         state = jax.device_get(_unstack(states, r))
-        if ckpt_lib.tree_hash(state.frozen) != frozen_hashes[r]:
+        if not rerand and ckpt_lib.tree_hash(state.frozen) != frozen_hashes[r]:
             raise RuntimeError("frozen weights changed during training: this is a bug")
         rows = train.check_kept_counts(state, group.models[r], group.keep_fractions(step)[r])
         history = histories[r]
@@ -617,6 +660,9 @@ def train_group(configs: list, workdirs: list, *, devices=None, cache_dir: str |
             "wall_time_sec": wall, "num_devices": int(mesh.devices.size), "num_processes": 1,
             "data_order_changed": None, "pipeline": "device",
             "corrupt_checkpoint": train.corrupt_record(corrupt[r], start),
+            "iterand": ({"redraws": step // base.model.rerand_every,
+                         "frozen_sha256_final": ckpt_lib.tree_hash(state.frozen)}
+                        if rerand else None),
             "keep_fraction_schedule": ({**dataclasses.asdict(group.schedules[r]),
                                         "final": group.keep_fractions(step)[r]}
                                        if group.schedules[r].active else None),

@@ -77,6 +77,3 @@ def schedule(model_config, steps_per_epoch: int) -> Schedule:
                     anneal=model_config.get("keep_fraction_anneal", "linear"))
 
 
-def model_options(model_config: dict) -> dict:
-    """The model's options without the schedule's fields (the model sees a fixed k)."""
-    return {k: v for k, v in model_config.items() if k not in FIELDS}

@@ -26,7 +26,8 @@ from etils import epath
 from edgepopup_jax.core import masking, selection, summary
 from edgepopup_jax.models import get_model
 from edgepopup_jax.training import checkpoint as ckpt_lib
-from edgepopup_jax.training import evaluation, files, input_pipeline, optim, sharding, sparsity
+from edgepopup_jax.training import (evaluation, files, input_pipeline, iterand, optim, sharding,
+                                    sparsity)
 from edgepopup_jax.training.metric_writer import MetricWriter
 from edgepopup_jax.training.preemption import Preemption
 
@@ -45,8 +46,17 @@ class TrainState:
         return {"params": self.params, "frozen": self.frozen, "batch_stats": self.batch_stats}
 
 
+# config.model fields the trainer acts on, not the model: the sparsity schedule, IteRand
+TRAINER_MODEL_FIELDS = sparsity.FIELDS + iterand.FIELDS
+
+
+def model_options(model_config: dict) -> dict:
+    """config.model (as a dict) without TRAINER_MODEL_FIELDS: what get_model takes."""
+    return {k: v for k, v in dict(model_config).items() if k not in TRAINER_MODEL_FIELDS}
+
+
 def build_model(config: ml_collections.ConfigDict, num_classes: int):
-    options = sparsity.model_options(config.model.to_dict())
+    options = model_options(config.model.to_dict())
     name = options.pop("name")
     return get_model(name, num_classes=num_classes, **options)
 
@@ -162,6 +172,7 @@ def check_run_options(config: ml_collections.ConfigDict, info: input_pipeline.Da
     sharding.check_state_sharding(config.get("state_sharding", "replicated"))
     ckpt_lib.check_on_corrupt(on_corrupt(config))
     sparsity.check(config.model)
+    iterand.check(config.model)
     channels = info.image_shape[-1]
     for field in ("mean", "std"):
         values = tuple(config.data[field])
@@ -315,6 +326,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devic
         raise ValueError("model.keep_fraction_anneal_epochs > 0 (a sparsity schedule) trains on "
                          "the device data path: set data.pipeline='device' (or 'auto'); the "
                          "tf_data path selects with a fixed keep_fraction")
+    if iterand.active(config.model):
+        raise ValueError("model.rerand_every > 0 (IteRand) trains on the device data path: set "
+                         "data.pipeline='device' (or 'auto')")
     mesh = sharding.make_mesh(devices)
     local_batch = sharding.local_batch_size(config.batch_size, mesh)
     _, eval_global = sharding.eval_batch_sizes(
