@@ -93,6 +93,13 @@ FIXED = {
     "data.max_bad_fraction": "read only with bad images (test_bad_images.py)",
     "parallel_runs": "1: one run here; groups of runs are test_parallel.py's",
     "parallel_split": "read only by groups: runs and data split over 8 devices in test_parallel.py",
+    "checkpoint.on_corrupt": "read only when a checkpoint is corrupt (test_faults.py)",
+    # The sparsity schedule and IteRand train on the device data path, refused on tf_data
+    # (tested there); their pairs with the other options are test_followups.py's.
+    "model.keep_fraction_start": "device path only", "model.keep_fraction_anneal_epochs": "device path only",
+    "model.keep_fraction_anneal": "device path only", "model.rerand_every": "device path only",
+    "model.rerand_rate": "device path only", "model.rerand_mode": "device path only",
+    "model.rerand_lambda": "device path only", "model.rerand_mu": "device path only",
 }
 TINY = {"fc": {"width": 0.02}, "conv2": {"width": 0.05},
         RESNET: {"width": 0.0625, "stage_sizes": (1,)}}
