@@ -20,8 +20,10 @@ def get_base() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict()
     c.model.name = "conv4"
     # keep_fraction, weight_init, mask, ...: their defaults, allowed values and docs are in
-    # core/options.py
-    c.model.update(options.DEFAULTS)
+    # core/options.py (the options whose default is None: keep fractions, typed placeholders
+    # so that --config.model.first_last_keep_fraction=0.9 parses)
+    c.model.update({k: ml_collections.config_dict.placeholder(float) if v is None else v
+                    for k, v in options.DEFAULTS.items()})
     c.model.dense_first = False
     c.model.dense_last = False
     c.model.compute_dtype = "float32"  # "bfloat16" on accelerators

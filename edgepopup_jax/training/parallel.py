@@ -130,6 +130,14 @@ def _layer_sizes(model, image_shape) -> list[int]:
     return [int(np.prod(flat[p].shape)) for p in selection.score_paths(shapes["params"])]
 
 
+def _layer_fractions(model, image_shape):
+    """The model's keep fraction, or (first_last / linear_keep_fraction set) one per score array."""
+    if model.uniform_keep_fraction():
+        return model.keep_fraction
+    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1,) + tuple(image_shape)))
+    return tuple(model.keep_fractions(shapes["params"]).values())  # sorted: selection order
+
+
 def make_group(configs: list, info: input_pipeline.DatasetInfo) -> Group:
     """Checks the configs (each as the trainer would, then that they form a group)."""
     check_group(configs)
@@ -142,8 +150,9 @@ def make_group(configs: list, info: input_pipeline.DatasetInfo) -> Group:
     sizes = _layer_sizes(models[0], info.image_shape)
     # Each run selects in its own scope; a group of both scopes selects both ways for every run
     # and keeps each run's own (jnp.where), so a run's masks are those it would have alone.
-    counts = {scope: np.stack([selection.kept_counts(sizes, m.keep_fraction, scope) if sizes
-                               else np.zeros((1,), np.int32) for m in models])
+    fractions = [_layer_fractions(m, info.image_shape) for m in models]
+    counts = {scope: np.stack([selection.kept_counts(sizes, k, scope) if sizes
+                               else np.zeros((1,), np.int32) for k in fractions])
               for scope in sorted({m.mask_scope for m in models})}
     hyper = {"learning_rate": np.array([c.optim.learning_rate for c in configs], np.float32),
              "weight_decay": np.array([c.optim.weight_decay for c in configs], np.float32),
