@@ -315,7 +315,7 @@ def test_option_combination_trains_evaluates_and_exports(row, tmp_path):
     assert FIRST_LAYER[row["model.name"]] in modes and "head" in modes
     assert modes == {name: _expected_mode(row, name) for name in modes}
     popped = [l for l in results["layers"] if l["mode"] == "edge_popup"]
-    groups = [popped] if row["model.mask_scope"] == "global" else [[l] for l in popped]
+    groups = [popped] if row["model.mask_scope"] == "global" and popped else [[l] for l in popped]
     for group in groups:
         k = _expected_keep_fraction(row, group[0]["name"])
         assert sum(l["kept"] for l in group) == masking.kept_count(sum(l["total"] for l in group), k)

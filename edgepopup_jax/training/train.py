@@ -111,7 +111,7 @@ def check_kept_counts(state: TrainState, model) -> list[summary.LayerStats]:
     ks, scope = model.keep_fractions(state.params), model.mask_scope
     rows = summary.layer_stats({"params": state.params}, ks, model.mask, mask_scope=scope)
     masked = [r for r in rows if r.mode == "edge_popup"]
-    groups = [masked] if scope == "global" else [[r] for r in masked]
+    groups = [masked] if scope == "global" and masked else [[r] for r in masked]
     for group in groups:
         total, kept, k = sum(r.total for r in group), sum(r.kept for r in group), ks[group[0].name]
         if kept != masking.kept_count(total, k):
