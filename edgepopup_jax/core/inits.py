@@ -109,7 +109,9 @@ def score_bound(name: str, fan_in: int) -> float:
     iterand: IteRand's score init (Chijiwa et al., NeurIPS 2021, "Pruning Randomly Initialized
       Neural Networks with Iterative Randomization", repo dchiji-ntt/iterand: init_mode_mask
       "kaiming_uniform", torch's kaiming_uniform_ with the ReLU gain and mode fan_in, then times
-      init_scale_score), b = sqrt(6 / fan_in), sqrt(6) times edge-popup's.
+      init_scale_score), b = sqrt(6 / fan_in), sqrt(6) times edge-popup's. (IteRand keeps the
+      top scores by signed value, not |S|; here the mask stays edge-popup's top-|S|, so only
+      the init is IteRand's. Its re-randomisation of pruned weights is not implemented.)
     """
     check_score_init(name)
     if name == "kaiming_uniform":  # as score_init computes it, so scale 1 gives its scores exactly

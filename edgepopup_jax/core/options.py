@@ -94,8 +94,9 @@ class EdgePopupOptions:
         "option, resolved into each layer's keep_fraction", "(0, 1] or None",
         check_optional_keep_fraction("first_last_keep_fraction"))
     linear_keep_fraction: float | None = _option(
-        None, "the other dense (linear) layers' keep fraction (None: keep_fraction); a model "
-        "option, resolved into each layer's keep_fraction", "(0, 1] or None",
+        None, "the other dense (linear) layers' keep fraction (None: keep_fraction; as IteRand's "
+        "linear_sparsity, a kept fraction here); a model option, resolved into each layer's "
+        "keep_fraction", "(0, 1] or None",
         check_optional_keep_fraction("linear_keep_fraction"))
 
     def __post_init__(self):

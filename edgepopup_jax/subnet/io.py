@@ -3,7 +3,9 @@
 A trained edge-popup model is random weights W plus scores S; what it computes depends only on
 W * mask(S). `save_subnet` stores exactly that: per masked layer the mask as 1 bit per weight
 and the kept weights (for constant-magnitude inits: 1 sign bit per kept weight plus one float32
-magnitude; otherwise the kept float32 values in mask order). Learned kernels (mask="dense",
+magnitude; otherwise the kept float32 values in mask order; binary_weights: the layer's alpha
+and 1 sign bit per kept weight, the same encoding, of binary.binarize(W * mask), so about 1 + k
+bits per weight with the mask). Learned kernels (mask="dense",
 dense_first / dense_last) and BN state are stored whole.
 
 `load_subnet` returns `(model, variables)` for `model.apply(variables, x)` (ResNets: train=False,
