@@ -276,3 +276,26 @@ def test_data_that_does_not_fit_the_device_stays_on_the_host_with_the_same_batch
     for a, b in zip(got, results[:2]):
         assert_same_run(a, b)
         assert a["state_sha256"] == b["state_sha256"]
+
+
+def test_a_group_keeps_each_layers_own_fraction_with_binary_weights(tmp_path):
+    """Issue 18's options on the device path: make_group's kept counts are each layer's own
+    (first_last / linear keep fractions), binary-weight runs train, and every run ends with
+    exactly those counts."""
+    from edgepopup_jax.core import masking
+    from edgepopup_jax.training import device_data
+
+    options = {"model.first_last_keep_fraction": 0.8, "model.linear_keep_fraction": 0.2,
+               "model.binary_weights": True, "model.score_init": "iterand",
+               "num_train_steps": 3, "eval_every_steps": 3, "checkpoint_every_steps": 3}
+    configs = [config(seed=0, **options), config(seed=1, **{**options, "model.keep_fraction": 0.3})]
+    group = parallel.make_group(configs, device_data.get_info(configs[0].data))
+    # FC: fc0 (first), fc1 (linear), head (last): 784x300, 300x100, 100x10
+    sizes = (235_200, 30_000, 1_000)
+    expected = [masking.kept_count(n, k) for n, k in zip(sizes, (0.8, 0.2, 0.8))]
+    np.testing.assert_array_equal(group.hyper["counts"]["layer"], [expected, expected])
+    results = parallel.train_group(configs, [str(tmp_path / "a"), str(tmp_path / "b")],
+                                   devices=one_device())
+    for r in results:
+        assert np.all(np.isfinite(losses(r)))
+        assert [x["kept"] for x in r["layers"]] == expected

@@ -20,8 +20,10 @@ def get_base() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict()
     c.model.name = "conv4"
     # keep_fraction, weight_init, mask, ...: their defaults, allowed values and docs are in
-    # core/options.py
-    c.model.update(options.DEFAULTS)
+    # core/options.py (the options whose default is None: keep fractions, typed placeholders
+    # so that --config.model.first_last_keep_fraction=0.9 parses)
+    c.model.update({k: ml_collections.config_dict.placeholder(float) if v is None else v
+                    for k, v in options.DEFAULTS.items()})
     # A sparsity schedule (training/sparsity.py): k from keep_fraction_start down to
     # keep_fraction over the first keep_fraction_anneal_epochs epochs (0: off), linear | cosine
     c.model.keep_fraction_start = 1.0

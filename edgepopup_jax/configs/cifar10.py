@@ -9,6 +9,8 @@ named files (cifar10_conv4.py, ...). Sweeps are overrides: --config.model.keep_f
 --config.model.scale_by_keep_fraction=True. Data: a prepared tfds `cifar10`, or the PNG folder:
 --config.data.name=folder --config.data.data_dir=/path/to/cifar10_png.
 """
+import ml_collections
+
 from edgepopup_jax.configs.base import get_base
 
 ARCHS = ("fc", "conv2", "conv4", "conv6", "conv8", "cifar_resnet18")
@@ -25,4 +27,6 @@ def get_config(arch: str = "conv4"):
         c.batch_size = 256
         c.optim.weight_decay = 5e-4
         c.model.bn_running_var = "unbiased"  # unbiased | biased (flax's)
+        # True: learned BN scale and bias (decayed as the scores); None: only for mask="dense"
+        c.model.bn_affine = ml_collections.config_dict.placeholder(bool)
     return c

@@ -7,6 +7,8 @@ Usage: --config=configs/imagenet.py:resnet50 (resnet50, resnet101, wide_resnet50
 named files. ImageNet must be prepared for tfds first (see README): --config.data.data_dir=...
 Kaiming normal instead of signed constant: --config.model.weight_init=kaiming_normal.
 """
+import ml_collections
+
 from edgepopup_jax.configs.base import IMAGENET_MEAN, IMAGENET_STD, get_base
 
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_resnet50_2",
@@ -22,6 +24,8 @@ def get_config(arch: str = "resnet50"):
     c.model.weight_init = "signed_constant"
     c.model.compute_dtype = "bfloat16"
     c.model.bn_running_var = "unbiased"  # unbiased | biased (flax's)
+    # True: learned BN scale and bias (decayed as the scores); None: only for mask="dense"
+    c.model.bn_affine = ml_collections.config_dict.placeholder(bool)
     c.data.name = "imagenet2012"
     c.data.train_split = "train"
     c.data.eval_split = "validation"

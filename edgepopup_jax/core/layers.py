@@ -6,15 +6,15 @@ Collections: the random kernel lives in `frozen` (never given to an optimizer), 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from edgepopup_jax.core import inits, masking, selection
-from edgepopup_jax.core.options import EdgePopupOptions, check_options
+from edgepopup_jax.core import binary, inits, masking, selection
+from edgepopup_jax.core.options import EdgePopupOptions, check_layer_options, check_options
 from edgepopup_jax.core.options import MASK_MODES  # noqa: F401 (re-exported: layers.MASK_MODES)
 
 FROZEN = "frozen"
@@ -28,19 +28,24 @@ class _SubnetLayer(nn.Module, EdgePopupOptions):
     """
 
     _: dataclasses.KW_ONLY
-    score_init: Callable | None = None  # default: Kaiming-uniform(a=sqrt(5)) over fan_in
     use_bias: bool = False
     dtype: Any = None  # compute dtype; None: that of the inputs
     param_dtype: Any = jnp.float32
 
     def __post_init__(self):
         check_options(self)
+        check_layer_options(self)
         if self.use_bias and self.mask != "dense":
             raise ValueError("use_bias=True needs mask='dense': edge-popup and supermask train no bias")
         super().__post_init__()
 
     def masked_kernel(self, shape: tuple[int, ...], fan_in: int, fan_out: int, train: bool):
-        """W * mask(S) for the masked modes, the learned kernel for mask='dense'."""
+        """W * mask(S) for the masked modes (binary_weights: binary.binarize(W * mask(S))), the
+        learned kernel for mask='dense'."""
+        kernel = self._masked_kernel(shape, fan_in, fan_out, train)
+        return binary.binarize(kernel) if self.binary_weights else kernel
+
+    def _masked_kernel(self, shape, fan_in, fan_out, train):
         scale_k = self.keep_fraction if self.scale_by_keep_fraction else None
         init = inits.weight_init(self.weight_init, fan_in=fan_in, fan_out=fan_out,
                                  mode=self.weight_init_mode, keep_fraction=scale_k)
@@ -48,8 +53,8 @@ class _SubnetLayer(nn.Module, EdgePopupOptions):
             return self.param("kernel", init, shape, self.param_dtype)
         weights = self.variable(FROZEN, "kernel",
                                 lambda: init(self.make_rng("params"), shape, self.param_dtype)).value
-        scores = self.param("scores", self.score_init or inits.score_init(fan_in=fan_in),
-                            shape, self.param_dtype)
+        scores = self.param("scores", inits.score_initializer(
+            self.score_init, fan_in=fan_in, scale=self.score_init_scale), shape, self.param_dtype)
         if self.mask == "edge_popup" and self.has_variable(selection.MASKS, "kernel"):
             return self.get_variable(selection.MASKS, "kernel")  # W * mask, folded once per eval
         if self.mask == "edge_popup" and self.has_variable(selection.MASKS, "scores"):

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from edgepopup_jax.core import inits, masking, options
+from edgepopup_jax.core import binary, inits, masking, options
 from edgepopup_jax.core.layers import _padding, _tuple, conv_channels_last
 
 
@@ -26,7 +26,10 @@ class FrozenWeight(nnx.Variable):
 class _SubnetLayer(nnx.Module):
     def _init_kernel(self, shape, fan_in, fan_out, edge_popup_options: dict, *, score_init,
                      param_dtype, rngs):
+        if score_init is not None:
+            edge_popup_options = {**edge_popup_options, "score_init": score_init}
         opts = options.parse(edge_popup_options)
+        options.check_layer_options(opts)
         if opts.mask_scope != "layer":
             raise ValueError(f"the NNX layers select their mask per layer: mask_scope must be "
                              f"'layer', got {opts.mask_scope!r} (global selection: the Linen models "
@@ -34,6 +37,7 @@ class _SubnetLayer(nnx.Module):
         self.keep_fraction = float(opts.keep_fraction)
         self.mask = opts.mask
         self.supermask_eval = opts.supermask_eval
+        self.binary_weights = opts.binary_weights
         init = inits.weight_init(opts.weight_init, fan_in=fan_in, fan_out=fan_out,
                                  mode=opts.weight_init_mode,
                                  keep_fraction=self.keep_fraction if opts.scale_by_keep_fraction else None)
@@ -42,19 +46,22 @@ class _SubnetLayer(nnx.Module):
             self.scores = None
         else:
             self.kernel = FrozenWeight(init(rngs.params(), shape, param_dtype))
-            self.scores = nnx.Param((score_init or inits.score_init(fan_in=fan_in))(
+            self.scores = nnx.Param(inits.score_initializer(
+                opts.score_init, fan_in=fan_in, scale=opts.score_init_scale)(
                 rngs.params(), shape, param_dtype))
 
     def masked_kernel(self, train: bool = False, rngs: nnx.Rngs | None = None):
-        """W * mask(S) (mask='dense': the learned kernel)."""
+        """W * mask(S) (binary_weights: binary.binarize(W * mask(S)); mask='dense': the learned
+        kernel)."""
         if self.mask == "dense":
             return self.kernel[...]
         sampling = self.mask == "supermask" and (train or self.supermask_eval == "sample")
         if sampling and rngs is None:
             raise ValueError("supermask sampling needs rngs: call layer(x, train=True, rngs=nnx.Rngs(supermask=...))")
-        return self.kernel[...] * masking.layer_mask(
+        kernel = self.kernel[...] * masking.layer_mask(
             self.scores[...], self.mask, self.keep_fraction, train=train,
             rng=rngs[masking.SAMPLE_RNG]() if sampling else None, supermask_eval=self.supermask_eval)
+        return binary.binarize(kernel) if self.binary_weights else kernel
 
     def kept(self) -> int:
         """How many weights the current mask keeps."""
@@ -69,7 +76,7 @@ class SubnetDense(_SubnetLayer):
     **edge_popup_options: keep_fraction, weight_init, ... (options.EdgePopupOptions).
     """
 
-    def __init__(self, in_features: int, out_features: int, *, score_init: Callable | None = None,
+    def __init__(self, in_features: int, out_features: int, *, score_init: Callable | str | None = None,
                  dtype: Any = None, param_dtype: Any = jnp.float32, rngs: nnx.Rngs,
                  **edge_popup_options):
         if in_features <= 0 or out_features <= 0:
@@ -92,7 +99,7 @@ class SubnetConv(_SubnetLayer):
     def __init__(self, in_features: int, out_features: int, kernel_size: int | Sequence[int] = 3,
                  strides: int | Sequence[int] = 1, padding: str | int | Sequence = "SAME",
                  input_dilation: int | Sequence[int] = 1, kernel_dilation: int | Sequence[int] = 1,
-                 feature_group_count: int = 1, *, score_init: Callable | None = None,
+                 feature_group_count: int = 1, *, score_init: Callable | str | None = None,
                  dtype: Any = None, param_dtype: Any = jnp.float32, rngs: nnx.Rngs,
                  **edge_popup_options):
         if in_features <= 0 or out_features <= 0:

@@ -164,10 +164,36 @@ def _masks_from_thresholds(keys, dtypes, groups, t, room, ties):
 SELECTION_METHODS = ("batched", "per_layer")
 
 
-def select_masks(scores: list, keep_fraction: float, scope: str = "layer", mesh=None,
+def layer_fractions(keep_fraction, num_layers: int) -> tuple[float, ...]:
+    """One checked keep fraction per layer: keep_fraction is one number for every layer or a
+    sequence of one per layer (in selection order)."""
+    if isinstance(keep_fraction, (list, tuple)):
+        if len(keep_fraction) != num_layers:
+            raise ValueError(f"{len(keep_fraction)} keep fractions for {num_layers} layers")
+        return tuple(masking.check_keep_fraction(k) for k in keep_fraction)
+    return (masking.check_keep_fraction(keep_fraction),) * num_layers
+
+
+def _by_path(keep_fraction, paths) -> float | tuple[float, ...]:
+    """keep_fraction as select_masks takes it: a number as it is, a {"/"-joined layer path: k}
+    mapping (MaskedModel.keep_fractions) as one k per path (tuples: layer paths, or score paths
+    ending in "scores")."""
+    if not isinstance(keep_fraction, dict):
+        return keep_fraction
+    names = ["/".join(p[:-1] if p[-1] == "scores" else p) if isinstance(p, tuple) else p
+             for p in paths]
+    missing = [n for n in names if n not in keep_fraction]
+    if missing:
+        raise ValueError(f"no keep fraction for layer(s) {', '.join(missing)}")
+    return tuple(keep_fraction[n] for n in names)
+
+
+def select_masks(scores: list, keep_fraction, scope: str = "layer", mesh=None,
                  axis_name: str = "data", method: str | None = None, specs=None,
                  candidates: int | None = None) -> list:
     """The 0/1 top-k masks of |scores| for a list of score arrays, all selected together.
+
+    keep_fraction: one number, or one per array (layer_fractions; scope "layer" only).
 
     With `mesh`, the counting is split over `axis_name` (call inside jit). specs: each score
     array's PartitionSpec on the mesh when they are split (state_sharding="fsdp"), so each
@@ -179,7 +205,9 @@ def select_masks(scores: list, keep_fraction: float, scope: str = "layer", mesh=
     if given) or "per_layer" force one (for tests and benchmarks).
     """
     check_mask_scope(scope)
-    keep_fraction = masking.check_keep_fraction(keep_fraction)
+    fractions = layer_fractions(keep_fraction, len(scores))
+    keep_fraction = (masking.check_keep_fraction(keep_fraction)
+                     if not isinstance(keep_fraction, (list, tuple)) else fractions)
     if method not in (None, *SELECTION_METHODS):
         raise ValueError(f"unknown selection method {method!r}; allowed: {', '.join(SELECTION_METHODS)}")
     if method == "per_layer" and scope != "layer":
@@ -187,7 +215,7 @@ def select_masks(scores: list, keep_fraction: float, scope: str = "layer", mesh=
     if candidates is not None and method != "batched":
         raise ValueError("candidates is an option of method='batched'")
     if method == "per_layer":
-        return [masking.topk_mask_forward(s, keep_fraction) for s in scores]
+        return [masking.topk_mask_forward(s, k) for s, k in zip(scores, fractions)]
 
     def batched(n):
         return functools.partial(_select_batched, keep_fraction=keep_fraction, scope=scope,
@@ -196,7 +224,7 @@ def select_masks(scores: list, keep_fraction: float, scope: str = "layer", mesh=
     if method == "batched":
         return batched(candidates or ACCELERATOR_CANDIDATES)(scores)
     if scope == "layer":
-        cpu = lambda s: [masking.topk_mask_forward(x, keep_fraction) for x in s]  # noqa: E731
+        cpu = lambda s: [masking.topk_mask_forward(x, k) for x, k in zip(s, fractions)]  # noqa: E731
     else:
         cpu = batched(CPU_CANDIDATES)
     return jax.lax.platform_dependent(scores, cpu=cpu, default=batched(ACCELERATOR_CANDIDATES))
@@ -206,14 +234,20 @@ def _groups(num_layers: int, scope: str) -> list[int]:
     return list(range(num_layers)) if scope == "layer" else [0] * num_layers
 
 
-def kept_counts(sizes, keep_fraction: float, scope: str = "layer") -> np.ndarray:
+def kept_counts(sizes, keep_fraction, scope: str = "layer") -> np.ndarray:
     """int32 [groups]: the weights each group keeps, kept_count(group size, k), computed on the
     host exactly as the reference does. Layers of `sizes` (in selection order) form one group
-    each (scope "layer") or one group in all ("global")."""
+    each (scope "layer") or one group in all ("global"). keep_fraction: one number, or one per
+    layer (layer_fractions), all equal for the global scope."""
     check_mask_scope(scope)
     groups = _groups(len(sizes), scope)
+    fractions = layer_fractions(keep_fraction, len(sizes))
+    if scope == "global" and len(set(fractions)) > 1:
+        raise ValueError("mask_scope='global' keeps one fraction of all layers together: give "
+                         f"one keep fraction, got {sorted(set(fractions))}")
     totals = [sum(n for n, g in zip(sizes, groups) if g == gi) for gi in range(max(groups) + 1)]
-    return np.array([masking.kept_count(n, keep_fraction) for n in totals], np.int32)
+    ks = fractions if scope == "layer" else fractions[:1]
+    return np.array([masking.kept_count(n, k) for n, k in zip(totals, ks)], np.int32)
 
 
 def _select_batched(scores, *, keep_fraction, scope, mesh, axis_name, specs, candidates):
@@ -299,21 +333,24 @@ def _st_bwd(keep_fraction, scope, mesh, axis_name, specs, _, g):
 _straight_through.defvjp(_st_fwd, _st_bwd)
 
 
-def masks_by_path(scores: dict, keep_fraction: float, scope: str = "layer", mesh=None,
+def masks_by_path(scores: dict, keep_fraction, scope: str = "layer", mesh=None,
                   axis_name: str = "data", method: str | None = None) -> dict:
     """select_masks over a {path: scores} dict (paths as tuples or "/"-joined), layers in sorted
-    path order (the global scope's tie order, as in edge_popup_masks), as {path: mask}. Forward only: no gradient (for counting and export)."""
+    path order (the global scope's tie order, as in edge_popup_masks), as {path: mask}. Forward only: no gradient (for counting and export).
+    keep_fraction: a number, or {"/"-joined path: k} (MaskedModel.keep_fractions)."""
     paths = sorted(scores, key=lambda p: tuple(p.split("/")) if isinstance(p, str) else tuple(p))
-    masks = select_masks([scores[p] for p in paths], keep_fraction, scope, mesh, axis_name, method)
+    masks = select_masks([scores[p] for p in paths], _by_path(keep_fraction, paths), scope, mesh,
+                         axis_name, method)
     return dict(zip(paths, masks))
 
 
-def edge_popup_masks(params, keep_fraction: float, scope: str = "layer", mesh=None,
+def edge_popup_masks(params, keep_fraction, scope: str = "layer", mesh=None,
                      axis_name: str = "data", params_sharding=None):
     """The `masks` collection for model.apply: every `scores` leaf of params -> its top-k mask,
     all selected together (select_masks; layers in sorted path order), with the straight-through
     gradient of masking.topk_mask (d mask / d scores = sign(scores)). params_sharding: the
-    params' NamedShardings when they are split over the mesh (see select_masks' specs)."""
+    params' NamedShardings when they are split over the mesh (see select_masks' specs).
+    keep_fraction: a number, or {"/"-joined layer path: k} (MaskedModel.keep_fractions)."""
     flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params))
     paths = sorted(p for p in flat if p[-1] == "scores")
     if not paths:
@@ -323,7 +360,8 @@ def edge_popup_masks(params, keep_fraction: float, scope: str = "layer", mesh=No
         where = flax.traverse_util.flatten_dict(flax.core.unfreeze(params_sharding))
         specs = tuple(where[p].spec for p in paths)
     abs_scores = [jnp.abs(flat[p]) for p in paths]
-    masks = _straight_through(abs_scores, keep_fraction, scope, mesh, axis_name, specs)
+    masks = _straight_through(abs_scores, _by_path(keep_fraction, paths), scope, mesh, axis_name,
+                              specs)
     return flax.traverse_util.unflatten_dict(dict(zip(paths, masks)))
 
 
@@ -343,13 +381,17 @@ def with_masks(variables: dict, model, mesh=None, axis_name: str = "data", fold:
                params_sharding=None) -> dict:
     """variables plus the `masks` collection that model.apply's edge-popup layers use: every
     layer's mask, selected in one pass over all layers (split over the mesh's devices). fold=True
-    (for evaluation) stores W * mask instead of the mask, multiplied here once. model: any
-    model with `mask`, `keep_fraction` and `mask_scope` (models.MaskedModel). params_sharding:
+    (for evaluation) stores W * mask instead of the mask, multiplied here once (binary_weights
+    layers binarise it as they do W * mask). model: any model with `mask`, `keep_fraction` and
+    `mask_scope` (models.MaskedModel: each layer's own keep fraction, keep_fractions). params_sharding:
     the params' NamedShardings when they are split over the mesh (state_sharding="fsdp")."""
     if model.mask != "edge_popup" or MASKS in variables:
         return variables
-    masks = edge_popup_masks(variables["params"], model.keep_fraction, model.mask_scope, mesh,
-                             axis_name, params_sharding)
+    keep = model.keep_fraction
+    if not getattr(model, "uniform_keep_fraction", lambda: True)():  # per-role keep fractions
+        keep = model.keep_fractions(variables["params"])
+    masks = edge_popup_masks(variables["params"], keep, model.mask_scope, mesh, axis_name,
+                             params_sharding)
     if fold:
         masks = fold_into_kernels(variables["frozen"], masks)
     return {**variables, MASKS: masks}

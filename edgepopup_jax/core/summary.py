@@ -22,7 +22,9 @@ class LayerStats:
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3))
-def _count_kept(scores: dict, keep_fraction: float, mask: str, mask_scope: str) -> dict:
+def _count_kept(scores: dict, keep_fraction, mask: str, mask_scope: str) -> dict:
+    if isinstance(keep_fraction, tuple):  # ((name, k), ...): hashable, as a static argument
+        keep_fraction = dict(keep_fraction)
     if mask == "edge_popup":
         masks = selection.masks_by_path(scores, keep_fraction, mask_scope)
     else:
@@ -30,13 +32,16 @@ def _count_kept(scores: dict, keep_fraction: float, mask: str, mask_scope: str) 
     return jax.tree.map(lambda m: jnp.sum(m != 0, dtype=jnp.int32), masks)
 
 
-def layer_stats(variables, keep_fraction: float, mask: str = "edge_popup",
+def layer_stats(variables, keep_fraction, mask: str = "edge_popup",
                 mask_scope: str = "layer") -> list[LayerStats]:
-    """Counts each layer's weights and the weights its current mask keeps (counted from the mask)."""
+    """Counts each layer's weights and the weights its current mask keeps (counted from the mask).
+    keep_fraction: one for every layer, or {"/"-joined layer path: k} (MaskedModel.keep_fractions)."""
     params = flax.traverse_util.flatten_dict(flax.core.unfreeze(variables["params"]), sep="/")
     scores = {k[: -len("/scores")]: v for k, v in params.items() if k.endswith("/scores")}
     dense = {k[: -len("/kernel")]: v for k, v in params.items() if k.endswith("/kernel")}
 
+    if isinstance(keep_fraction, dict):
+        keep_fraction = tuple(sorted(keep_fraction.items()))
     kept = jax.device_get(_count_kept(scores, keep_fraction, mask, mask_scope))
     rows = [LayerStats(name, tuple(s.shape), int(np.prod(s.shape)), int(kept[name]), mask)
             for name, s in scores.items()]

@@ -4,9 +4,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import flax
 import flax.linen as nn
 import jax.numpy as jnp
 
+from edgepopup_jax.core import options as options_lib
 from edgepopup_jax.core.options import FIELDS, EdgePopupOptions, check_options
 
 
@@ -43,8 +45,35 @@ class MaskedModel(nn.Module, EdgePopupOptions):
     def dtype(self):
         return jnp.dtype(self.compute_dtype)
 
-    def layer_options(self, role: str = "hidden") -> dict:
-        """Keyword arguments for a Subnet layer; role is "first", "hidden" or "last"."""
+    def layer_options(self, role: str = "hidden", linear: bool = False) -> dict:
+        """Keyword arguments for a Subnet layer; role is "first", "hidden" or "last", linear
+        says a dense layer. The layer gets its own keep_fraction (options.keep_fraction_for:
+        first_last_keep_fraction, linear_keep_fraction), and a learned dense layer
+        (dense_first / dense_last) no binary weights."""
         dense = (role == "first" and self.dense_first) or (role == "last" and self.dense_last)
         options = {name: getattr(self, name) for name in FIELDS}
+        options.update({name: None for name in options_lib.PER_LAYER_KEEP_FRACTIONS})
+        options["keep_fraction"] = options_lib.keep_fraction_for(
+            self, first_or_last=role in ("first", "last"), linear=linear)
+        if dense:
+            options["binary_weights"] = False
         return {**options, "mask": "dense" if dense else self.mask, "dtype": self.dtype}
+
+    def first_and_last_layers(self) -> tuple[str, str]:
+        """The names of the model's first and last layers (those layer_options calls with role
+        "first" and "last")."""
+        raise NotImplementedError
+
+    def keep_fractions(self, params) -> dict[str, float]:
+        """Each masked layer's keep fraction, by "/"-joined layer path (the path of its `scores`
+        without "scores"): what layer_options gives that layer (a dense layer: scores of rank 2)."""
+        flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params))
+        ends = self.first_and_last_layers()
+        return {"/".join(p[:-1]): options_lib.keep_fraction_for(
+                    self, first_or_last=p[:-1] in [(name,) for name in ends],
+                    linear=len(flat[p].shape) == 2)
+                for p in sorted(flat) if p[-1] == "scores"}
+
+    def uniform_keep_fraction(self) -> bool:
+        """Whether every layer keeps keep_fraction (no per-role fraction is set)."""
+        return all(getattr(self, name) is None for name in options_lib.PER_LAYER_KEEP_FRACTIONS)

@@ -53,11 +53,17 @@ class ConvNet(MaskedModel):
         x = x.reshape((x.shape[0], -1))
         for i, w in enumerate(self.dense_widths):
             x = SubnetDense(_width(w, self.width), name=f"fc{i}",
-                            **self.layer_options("first" if n_layers == 0 else "hidden"))(x, train)
+                            **self.layer_options("first" if n_layers == 0 else "hidden",
+                                                 linear=True))(x, train)
             x = nn.relu(x)
             n_layers += 1
-        x = SubnetDense(self.num_classes, name="head", **self.layer_options("last"))(x, train)
+        x = SubnetDense(self.num_classes, name="head", **self.layer_options("last", linear=True))(x, train)
         return x.astype(jnp.float32)
+
+    def first_and_last_layers(self) -> tuple[str, str]:
+        if any(w != "M" for w in self.conv_widths):
+            return "conv0", "head"
+        return ("fc0" if self.dense_widths else "head"), "head"
 
 
 class FC(ConvNet):

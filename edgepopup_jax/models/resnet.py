@@ -91,11 +91,17 @@ class ResNet(MaskedModel):
     cifar_stem: bool = False
     width_multiplier: int = 1
     width: float = 1.0  # scales every layer's channels (stem, stages); 1.0 is the paper's
-    bn_affine: bool | None = None  # None: learned BN scale/shift only for mask="dense"
+    # True: every BatchNorm's scale and bias are learned, in `params` with the scores (and
+    # decayed with them: optim's L2 covers all of params, as the reference's default, without
+    # --no_bn_decay); False: none; None: learned only for mask="dense" (the dense baseline).
+    bn_affine: bool | None = None
     bn_momentum: float = 0.9
     bn_running_var: str = "biased"  # "unbiased": n/(n-1) x batch variance, as torch (the reference)
 
     def __post_init__(self):
+        if not (self.bn_affine is None or isinstance(self.bn_affine, bool)):
+            raise ValueError(f"bn_affine must be None (learned BN only for mask='dense'), False "
+                             f"or True, got {self.bn_affine!r}")
         if self.bn_running_var not in BN_RUNNING_VARS:
             raise ValueError(f"unknown bn_running_var {self.bn_running_var!r}; "
                              f"allowed: {', '.join(BN_RUNNING_VARS)}")
@@ -132,5 +138,8 @@ class ResNet(MaskedModel):
                               inner_width=filters * self.width_multiplier, conv=conv,
                               norm=lambda name: norm(name), name=block_name(i, j))(x, train)
         x = jnp.mean(x, axis=(1, 2))
-        x = SubnetDense(self.num_classes, name="head", **self.layer_options("last"))(x, train)
+        x = SubnetDense(self.num_classes, name="head", **self.layer_options("last", linear=True))(x, train)
         return x.astype(jnp.float32)
+
+    def first_and_last_layers(self) -> tuple[str, str]:
+        return "stem_conv", "head"

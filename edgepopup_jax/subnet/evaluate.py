@@ -40,8 +40,8 @@ def load(subnet_path: str | None = None, workdir: str | None = None):
         return model, variables, rows
     name, options, variables, _ = export.training_variables(workdir)
     model = get_model(name, **options)  # checks the options
-    return model, variables, summary.layer_stats(variables, model.keep_fraction, model.mask,
-                                                 mask_scope=model.mask_scope)
+    return model, variables, summary.layer_stats(variables, model.keep_fractions(variables["params"]),
+                                                 model.mask, mask_scope=model.mask_scope)
 
 
 def evaluate(config, subnet_path: str | None = None, workdir: str | None = None, devices=None):

@@ -28,8 +28,15 @@ def training_variables(workdir: str, step: int | None = None):
                                         async_save=False).restore_raw(step)
     options = train.model_options(meta["model"])
     name = options.pop("name")
-    if meta.get("keep_fraction") is not None:  # saved during a sparsity schedule: that step's k
-        options["keep_fraction"] = meta["keep_fraction"]
+    scheduled = meta.get("keep_fraction")  # saved during a sparsity schedule: that step's k
+    if scheduled is not None and scheduled != options["keep_fraction"]:
+        per_layer = [f for f in ("first_last_keep_fraction", "linear_keep_fraction")
+                     if options.get(f) is not None]
+        if per_layer:
+            raise ValueError(f"this checkpoint was saved while model.keep_fraction_anneal_epochs "
+                             f"was still annealing, with model.{per_layer[0]} set: export one "
+                             "saved after the annealing")
+        options["keep_fraction"] = scheduled
     options["num_classes"] = meta["num_classes"]
     variables = {k: state[k] for k in ("params", "frozen", "batch_stats") if state.get(k)}
     return name, options, variables, meta

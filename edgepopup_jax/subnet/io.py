@@ -3,7 +3,9 @@
 A trained edge-popup model is random weights W plus scores S; what it computes depends only on
 W * mask(S). `save_subnet` stores exactly that: per masked layer the mask as 1 bit per weight
 and the kept weights (for constant-magnitude inits: 1 sign bit per kept weight plus one float32
-magnitude; otherwise the kept float32 values in mask order). Learned kernels (mask="dense",
+magnitude; otherwise the kept float32 values in mask order; binary_weights: the layer's alpha
+and 1 sign bit per kept weight, the same encoding, of binary.binarize(W * mask), so about 1 + k
+bits per weight with the mask). Learned kernels (mask="dense",
 dense_first / dense_last) and BN state are stored whole.
 
 `load_subnet` returns `(model, variables)` for `model.apply(variables, x)` (ResNets: train=False,
@@ -27,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from edgepopup_jax.core import masking, selection
+from edgepopup_jax.core import binary, masking, selection
 from edgepopup_jax.core.options import DEFAULTS as LAYER_OPTION_DEFAULTS
 from edgepopup_jax.subnet import format as fmt
 from edgepopup_jax.subnet.format import (FORMAT_VERSION, MAGIC, SubnetFile,  # noqa: F401
@@ -42,6 +44,8 @@ SUFFIX = ".subnet"
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3))
 def _eval_masks(scores: dict, mask_mode, keep_fraction, mask_scope):
+    if isinstance(keep_fraction, tuple):  # ((name, k), ...): hashable, as a static argument
+        keep_fraction = dict(keep_fraction)
     if mask_mode == "edge_popup":
         masks = selection.masks_by_path(scores, keep_fraction, mask_scope)
     else:
@@ -49,9 +53,10 @@ def _eval_masks(scores: dict, mask_mode, keep_fraction, mask_scope):
     return {k: m != 0 for k, m in masks.items()}
 
 
-def layer_masks(scores: dict, *, mask_mode: str, keep_fraction: float,
+def layer_masks(scores: dict, *, mask_mode: str, keep_fraction,
                 supermask_eval: str = "threshold", mask_scope: str = "layer") -> dict:
-    """The 0/1 eval-time masks (bool numpy arrays) of a dict of score arrays, in one computation."""
+    """The 0/1 eval-time masks (bool numpy arrays) of a dict of score arrays, in one computation.
+    keep_fraction: one for every layer, or {"/"-joined layer path: k} (MaskedModel.keep_fractions)."""
     if mask_mode == "supermask" and supermask_eval != "threshold":
         raise ValueError(
             f"a supermask model exports only with supermask_eval='threshold' (a fixed 0/1 mask), "
@@ -59,8 +64,9 @@ def layer_masks(scores: dict, *, mask_mode: str, keep_fraction: float,
             "draws a new mask on every call")
     if mask_mode not in ("edge_popup", "supermask"):
         raise ValueError(f"no mask for mask mode {mask_mode!r}")
-    out = _eval_masks({k: jnp.asarray(v) for k, v in scores.items()}, mask_mode,
-                      masking.check_keep_fraction(keep_fraction), mask_scope)
+    keep = (tuple(sorted(keep_fraction.items())) if isinstance(keep_fraction, dict)
+            else masking.check_keep_fraction(keep_fraction))
+    out = _eval_masks({k: jnp.asarray(v) for k, v in scores.items()}, mask_mode, keep, mask_scope)
     return {k: np.asarray(jax.device_get(out[k])) for k in scores}
 
 
@@ -96,6 +102,7 @@ def inference_options(model_name: str, model_options: dict) -> dict:
     if isinstance(get_model(model_name, **opts), ResNet) and opts.get("bn_affine") is None:
         opts["bn_affine"] = opts.get("mask", "edge_popup") == "dense"
     opts["mask"] = "dense"
+    opts.pop("binary_weights", None)  # the stored kernels are alpha * sign(W) * mask already
     opts.pop("dense_first", None)
     opts.pop("dense_last", None)
     opts.pop("supermask_eval", None)
@@ -179,6 +186,8 @@ def _encode(*, model_name: str, model_options: dict, variables, keep_fraction=No
     k = masking.check_keep_fraction(full["keep_fraction"] if keep_fraction is None else keep_fraction)
     options["keep_fraction"] = k
     mask_mode = full["mask"]
+    model = get_model(model_name, **options)
+    keep = k if model.uniform_keep_fraction() else model.keep_fractions(_get(variables, "params"))
 
     masked, dense, other = _layer_roles(variables)
     if masked and mask_mode == "dense":
@@ -195,9 +204,11 @@ def _encode(*, model_name: str, model_options: dict, variables, keep_fraction=No
     n_masked = n_kept = 0
     if masked:
         masks = layer_masks({p: s for p, (s, _) in masked.items()}, mask_mode=mask_mode,
-                            keep_fraction=k, supermask_eval=full["supermask_eval"],
+                            keep_fraction=keep, supermask_eval=full["supermask_eval"],
                             mask_scope=full["mask_scope"])
     for path, (scores, w) in masked.items():
+        if full["binary_weights"]:  # alpha * sign(W) * mask: the sign_scale encoding
+            w = _binary_kernel(jnp.asarray(w), jnp.asarray(masks[path]))
         packed = pack_layer(np.asarray(jax.device_get(w)), masks[path])
         encoding = packed["encoding"]
         layers.append(fmt.MaskedLayer(
@@ -225,9 +236,16 @@ def _encode(*, model_name: str, model_options: dict, variables, keep_fraction=No
         "ratio_vs_float32_state": fs["float32_state_bytes"] / len(blob),
         "ratio_vs_train_state": fs["train_state_bytes"] / len(blob),
         "bits_per_masked_weight": 8 * len(blob) / max(n_masked, 1),
+        "bits_per_kept_weight": 8 * len(blob) / max(n_kept, 1),
         "kept_per_layer": {"/".join(e.path): e.kept for e in layers if isinstance(e, fmt.MaskedLayer)},
     }
     return blob, stats
+
+
+@jax.jit
+def _binary_kernel(weights, mask):
+    """The kernel a binary_weights layer computes: binarize(W * mask), as the folded eval does."""
+    return binary.binarize(weights * mask.astype(weights.dtype))
 
 
 def save_subnet(path, *, model_name: str, model_options: dict, variables, keep_fraction=None) -> dict:

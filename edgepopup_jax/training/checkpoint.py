@@ -118,8 +118,10 @@ FORMAT_VERSION = 2  # 2: meta holds "format" and the state's "checksum"; 1 (no "
 
 # Model options added after checkpoints were first written, with the value older runs had
 # (also the value of a config without the option: bn_running_var is only in ResNet configs).
-ADDED_MODEL_OPTIONS = {"mask_scope": "layer", "bn_running_var": "biased", **sparsity.DEFAULTS,
-                       **iterand.DEFAULTS}
+ADDED_MODEL_OPTIONS = {"mask_scope": "layer", "bn_running_var": "biased", "binary_weights": False,
+                       "score_init": "kaiming_uniform", "score_init_scale": 1.0,
+                       "first_last_keep_fraction": None, "linear_keep_fraction": None,
+                       "bn_affine": None, **sparsity.DEFAULTS, **iterand.DEFAULTS}
 
 RUN_IDENTITY = ("model", "seed", "dataset", "batch_size")  # what a resumed run must match
 

@@ -115,6 +115,7 @@ class Group:
     hyper: dict
     schedules: tuple = ()  # per run: its sparsity.Schedule
     sizes: tuple = ()  # the score arrays' sizes, in selection order
+    fractions: tuple = ()  # per run: its target keep fraction, or one per score array
 
     def keep_fractions(self, step: int) -> list[float]:
         """Each run's k at `step` (its sparsity schedule's, or its fixed keep_fraction)."""
@@ -122,7 +123,8 @@ class Group:
 
     def counts(self, step: int) -> dict:
         """{scope: [R, groups]} int32: each run's kept counts at `step`, exact (on the host)."""
-        return _counts(self.sizes, self.keep_fractions(step), sorted(self.hyper["counts"]))
+        return _counts(self.sizes, [_scheduled(s, f, step) for s, f in zip(self.schedules, self.fractions)],
+                       sorted(self.hyper["counts"]))
 
     @property
     def annealing_steps(self) -> int:
@@ -146,6 +148,14 @@ def _layer_sizes(model, image_shape) -> list[int]:
     return [int(np.prod(flat[p].shape)) for p in selection.score_paths(shapes["params"])]
 
 
+def _layer_fractions(model, image_shape):
+    """The model's keep fraction, or (first_last / linear_keep_fraction set) one per score array."""
+    if model.uniform_keep_fraction():
+        return model.keep_fraction
+    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1,) + tuple(image_shape)))
+    return tuple(model.keep_fractions(shapes["params"]).values())  # sorted: selection order
+
+
 def make_group(configs: list, info: input_pipeline.DatasetInfo) -> Group:
     """Checks the configs (each as the trainer would, then that they form a group)."""
     check_group(configs)
@@ -159,13 +169,21 @@ def make_group(configs: list, info: input_pipeline.DatasetInfo) -> Group:
     # Each run selects in its own scope; a group of both scopes selects both ways for every run
     # and keeps each run's own (jnp.where), so a run's masks are those it would have alone.
     schedules = tuple(sparsity.schedule(c.model, plan.steps_per_epoch) for c in configs)
-    counts = _counts(sizes, [s.keep_fraction(0) for s in schedules],
+    fractions = tuple(_layer_fractions(m, info.image_shape) for m in models)
+    counts = _counts(sizes, [_scheduled(s, f, 0) for s, f in zip(schedules, fractions)],
                      sorted({m.mask_scope for m in models}))
     hyper = {"learning_rate": np.array([c.optim.learning_rate for c in configs], np.float32),
              "weight_decay": np.array([c.optim.weight_decay for c in configs], np.float32),
              "counts": counts, "global": np.array([m.mask_scope == "global" for m in models])}
     return Group(tuple(configs), models, info, plan.total_steps, plan.steps_per_epoch, hyper,
-                 schedules, tuple(sizes))
+                 schedules, tuple(sizes), fractions)
+
+
+def _scheduled(schedule: sparsity.Schedule, fractions, step: int):
+    """A run's keep fraction(s) at `step`: each layer's target through its schedule."""
+    if isinstance(fractions, tuple):
+        return tuple(schedule.keep_fraction(step, k) for k in fractions)
+    return schedule.keep_fraction(step, fractions)
 
 
 def _counts(sizes, keep_fractions, scopes) -> dict:
@@ -642,7 +660,8 @@ def train_group(configs: list, workdirs: list, *, devices=None, cache_dir: str |
         state = jax.device_get(_unstack(states, r))
         if not rerand and ckpt_lib.tree_hash(state.frozen) != frozen_hashes[r]:
             raise RuntimeError("frozen weights changed during training: this is a bug")
-        rows = train.check_kept_counts(state, group.models[r], group.keep_fractions(step)[r])
+        rows = train.check_kept_counts(
+            state, group.models[r], lambda k: group.schedules[r].keep_fraction(step, k))
         history = histories[r]
         result = {
             "step": step, "total_steps": group.total_steps, "preempted": preempted,

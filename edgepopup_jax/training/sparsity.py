@@ -10,7 +10,8 @@ first and prune towards the target over the first epochs. Three `model.` fields 
   keep_fraction_anneal         linear: k = start + (target - start) * t
                                cosine: k = target + (start - target) * (1 + cos(pi t)) / 2
 
-with t = min(step / S, 1) and S = round(E * steps per epoch) steps. The step's k sets that
+with t = min(step / S, 1) and S = round(E * steps per epoch) steps. Layers with their own
+target (model.first_last_keep_fraction, linear_keep_fraction) anneal from the same start to it. The step's k sets that
 step's kept counts exactly as a fixed k would (masking.kept_count of each layer, or of all
 layers for mask_scope "global"): the host computes them in float64 and hands them to the
 jitted step, so a schedule costs no recompilation and the counts are exact at every step.
@@ -38,14 +39,16 @@ class Schedule:
     def active(self) -> bool:
         return self.steps > 0
 
-    def keep_fraction(self, step: int) -> float:
-        """k at `step` (0-based: the step about to be taken); the target from step S on."""
+    def keep_fraction(self, step: int, target: float | None = None) -> float:
+        """k at `step` (0-based: the step about to be taken); the target from step S on.
+        target: a layer's own target (first_last / linear_keep_fraction; default: keep_fraction)."""
+        target = self.target if target is None else target
         if not self.active or step >= self.steps:
-            return self.target
+            return target
         t = max(step, 0) / self.steps
         if self.anneal == "linear":
-            return self.start + (self.target - self.start) * t
-        return self.target + (self.start - self.target) * 0.5 * (1.0 + math.cos(math.pi * t))
+            return self.start + (target - self.start) * t
+        return target + (self.start - target) * 0.5 * (1.0 + math.cos(math.pi * t))
 
 
 def check(model_config) -> None:
@@ -60,9 +63,11 @@ def check(model_config) -> None:
                          f"schedule), got {epochs!r}")
     if isinstance(start, bool) or not isinstance(start, (int, float)) or not 0 < start <= 1:
         raise ValueError(f"model.keep_fraction_start must be in (0, 1], got {start!r}")
-    if epochs > 0 and start < model_config.keep_fraction:
-        raise ValueError(f"model.keep_fraction_start ({start}) is below model.keep_fraction "
-                         f"({model_config.keep_fraction}): a schedule anneals down to the target")
+    for field in ("keep_fraction", "first_last_keep_fraction", "linear_keep_fraction"):
+        target = model_config.get(field)
+        if epochs > 0 and target is not None and start < target:
+            raise ValueError(f"model.keep_fraction_start ({start}) is below model.{field} "
+                             f"({target}): a schedule anneals down to the target")
     if epochs > 0 and model_config.get("mask", "edge_popup") != "edge_popup":
         raise ValueError(f"model.keep_fraction_anneal_epochs ({epochs}) needs model.mask="
                          f"'edge_popup' (a top-k mask), not {model_config.mask!r}")

@@ -115,16 +115,18 @@ def diverged_message(step: int, loss: float, last_saved: int | None) -> str:
             "warm-up (optim.warmup_epochs), then resume or restart")
 
 
-def check_kept_counts(state: TrainState, model, keep_fraction: float | None = None
-                      ) -> list[summary.LayerStats]:
-    """Every edge-popup layer of model keeps exactly kept_count(n, k) weights (all layers
-    together for mask_scope "global"), k = keep_fraction (default: the model's); raises if not."""
-    k, scope = keep_fraction or model.keep_fraction, model.mask_scope
-    rows = summary.layer_stats({"params": state.params}, k, model.mask, mask_scope=scope)
+def check_kept_counts(state: TrainState, model, at=None) -> list[summary.LayerStats]:
+    """Every edge-popup layer of model keeps exactly kept_count(n, k) weights, k its own keep
+    fraction (all layers together for mask_scope "global"), or at(k) under a sparsity
+    schedule (the step's k for that target); raises if not."""
+    ks, scope = model.keep_fractions(state.params), model.mask_scope
+    if at is not None:
+        ks = {name: at(k) for name, k in ks.items()}
+    rows = summary.layer_stats({"params": state.params}, ks, model.mask, mask_scope=scope)
     masked = [r for r in rows if r.mode == "edge_popup"]
-    groups = [masked] if scope == "global" else [[r] for r in masked]
+    groups = [masked] if scope == "global" and masked else [[r] for r in masked]
     for group in groups:
-        total, kept = sum(r.total for r in group), sum(r.kept for r in group)
+        total, kept, k = sum(r.total for r in group), sum(r.kept for r in group), ks[group[0].name]
         if kept != masking.kept_count(total, k):
             raise RuntimeError(f"layers {[r.name for r in group]} keep {kept} of {total} weights, "
                                f"expected {masking.kept_count(total, k)}")
