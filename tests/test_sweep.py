@@ -175,3 +175,33 @@ def test_paper_figures_expand_to_valid_runs(name):
         else:
             assert config.model.mask == "edge_popup"
     assert any(r.baseline for r in runs)
+
+
+def test_followups_figure_plans_its_runs_and_groups():
+    """--figure=followups: Conv6 at k in {0.1, 0.3, 0.5} x {EP, Global EP, EP + IteRand, biprop}
+    x 5 seeds + 5 dense baselines; every config passes the trainer's start-up checks, and the
+    sweep's --parallel_runs grouping forms groups that parallel.make_group accepts."""
+    from edgepopup_jax.training import input_pipeline, parallel
+    figure = paper_figures.FIGURES["followups"]
+    base = grid_lib.with_overrides(figure.config(), figure.fixed)
+    assert base.model.name == "conv6" and base.data.pipeline == "device"
+    assert base.num_epochs == 100 and base.optim.learning_rate == 0.1 and base.batch_size == 128
+    runs = grid_lib.expand(figure.grid)
+    assert len(runs) == 3 * 4 * 5 + 5
+    methods = {r.labels["method"]: {k: v for k, v in r.overrides.items()
+                                    if k not in ("seed", "model.keep_fraction")}
+               for r in runs if not r.baseline}
+    assert methods == {"EP": {}, "GlobalEP": {"model.mask_scope": "global"},
+                       "EP+IteRand": {"model.rerand_every": 300, "model.rerand_rate": 0.1,
+                                      "model.rerand_mode": "bernoulli"},
+                       "biprop": {"model.binary_weights": True}}
+    assert sorted({r.overrides["model.keep_fraction"] for r in runs if not r.baseline}) == [0.1, 0.3, 0.5]
+    assert sorted(r.seed for r in runs if r.baseline) == list(paper_figures.CIFAR_SEEDS)
+    assert "BatchNorm" in figure.description  # why EP + learned BN is not a line
+    configs = {r.name: grid_lib.with_overrides(base, r.overrides) for r in runs}
+    info = input_pipeline.DatasetInfo(10, (32, 32, 3), 50_000, 10_000)
+    groups = sweep._groups(runs, configs, 50)
+    assert sorted(len(g) for g in groups) == [5, 15, 15, 30]  # EP + Global EP share a program
+    for group in groups:
+        parallel.make_group([configs[r.name] for r in group], info)  # train.make_plan for each
+    assert len(sweep._groups(runs, configs, 8)) == 9
