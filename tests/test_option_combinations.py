@@ -105,6 +105,7 @@ FIXED = {
     "parallel_runs": "1: one run here; groups of runs are test_parallel.py's",
     "parallel_split": "read only by groups: runs and data split over 8 devices in test_parallel.py",
     "checkpoint.on_corrupt": "read only when a checkpoint is corrupt (test_faults.py)",
+    "finetune_epochs": "device path only: test_finetune.py",
     # The sparsity schedule and IteRand train on the device data path, refused on tf_data
     # (tested there); their pairs with the other options are test_followups.py's.
     "model.keep_fraction_start": "device path only", "model.keep_fraction_anneal_epochs": "device path only",

@@ -89,6 +89,9 @@ def get_base() -> ml_collections.ConfigDict:
     c.eval_batch_size = 500
     c.num_epochs = 100.0  # float: fractions of an epoch are fine
     c.num_train_steps = -1  # > 0 overrides num_epochs
+    # Prune, then fine-tune (training/finetune.py): after the run, this many epochs train the
+    # weights its final mask keeps, the mask fixed (0: off)
+    c.finetune_epochs = 0.0
     c.log_every_steps = 50
     c.eval_every_steps = 0  # 0: once per epoch
     c.checkpoint_every_steps = 0  # 0: once per epoch

@@ -37,8 +37,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from edgepopup_jax.core import masking, selection, summary
 from edgepopup_jax.training import checkpoint as ckpt_lib
-from edgepopup_jax.training import (device_data, evaluation, files, input_pipeline, iterand, optim,
-                                    sparsity, train)
+from edgepopup_jax.training import (device_data, evaluation, files, finetune, input_pipeline,
+                                    iterand, optim, sparsity, train)
 from edgepopup_jax.training.metric_writer import MetricWriter
 from edgepopup_jax.training.preemption import Preemption
 
@@ -116,6 +116,7 @@ class Group:
     schedules: tuple = ()  # per run: its sparsity.Schedule
     sizes: tuple = ()  # the score arrays' sizes, in selection order
     fractions: tuple = ()  # per run: its target keep fraction, or one per score array
+    finetune_steps: int = 0  # after total_steps: the kept weights train, the mask fixed
 
     def keep_fractions(self, step: int) -> list[float]:
         """Each run's k at `step` (its sparsity schedule's, or its fixed keep_fraction)."""
@@ -176,7 +177,8 @@ def make_group(configs: list, info: input_pipeline.DatasetInfo) -> Group:
              "weight_decay": np.array([c.optim.weight_decay for c in configs], np.float32),
              "counts": counts, "global": np.array([m.mask_scope == "global" for m in models])}
     return Group(tuple(configs), models, info, plan.total_steps, plan.steps_per_epoch, hyper,
-                 schedules, tuple(sizes), fractions)
+                 schedules, tuple(sizes), fractions,
+                 finetune.num_steps(configs[0], plan.steps_per_epoch))
 
 
 def _scheduled(schedule: sparsity.Schedule, fractions, step: int):
@@ -240,6 +242,54 @@ def _run_step(state: train.TrainState, batch, hyper, alive, step, *, group: Grou
     return new, keep, {"loss": loss, "accuracy": accuracy, "finite": finite}
 
 
+def _finetune_tx(config, group: Group, learning_rate, weight_decay):
+    return finetune.optimizer(config, group.finetune_steps, group.steps_per_epoch, learning_rate,
+                              weight_decay)
+
+
+def _start_finetune(state: train.TrainState, *, group: Group) -> train.TrainState:
+    """One run's state at the start of fine-tuning: the optimizer now over the frozen weights."""
+    return state.replace(opt_state=_finetune_tx(group.configs[0], group, 1.0, 0.0).init(state.frozen))
+
+
+def _finetune_run_step(state: train.TrainState, batch, hyper, alive, step, *, group: Group):
+    """One run's fine-tuning step (training/finetune.py): the mask its final scores select,
+    fixed; the kept weights trained; the scores, and every pruned weight, left as they are."""
+    config, model = group.configs[0], group.models[0]
+    rng = jax.random.fold_in(state.rng, step)
+    images = input_pipeline.normalize(batch["image"], tuple(config.data.mean), tuple(config.data.std))
+    tx = _finetune_tx(config, group, hyper["learning_rate"], hyper["weight_decay"])
+    masks = jax.lax.stop_gradient(_masks(state.params, hyper, group))
+    keep_mask = finetune.kernel_masks(masks, state.frozen)
+
+    def loss_fn(frozen):
+        variables = {**state.variables(), "frozen": frozen, selection.MASKS: masks}
+        logits, updates = model.apply(variables, images, train=True, mutable=["batch_stats"],
+                                      rngs={masking.SAMPLE_RNG: rng})
+        loss = evaluation.cross_entropy(logits, batch["label"], group.info.num_classes,
+                                        config.optim.get("label_smoothing", 0.0)).mean()
+        return loss, (logits, updates.get("batch_stats", state.batch_stats))
+
+    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.frozen)
+    updates, opt_state = tx.update(finetune.masked(grads, keep_mask), state.opt_state, state.frozen)
+    frozen = optax.apply_updates(state.frozen, finetune.masked(updates, keep_mask))
+    new = state.replace(step=step + 1, frozen=frozen, batch_stats=batch_stats, opt_state=opt_state)
+    finite = jnp.isfinite(loss) & jnp.all(jnp.stack([jnp.all(jnp.isfinite(g))
+                                                     for g in jax.tree.leaves(grads)]))
+    keep = alive & finite
+    new = jax.tree.map(lambda a, b: jnp.where(keep, a, b), new, state)
+    accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
+    return new, keep, {"loss": loss, "accuracy": accuracy, "finite": finite}
+
+
+def group_pruned_weights(states, hyper, *, group: Group):
+    """Every run's pruned weights (kept ones zeroed), for the check that fine-tuning left them."""
+    def one(state, hyper_r):
+        mask = finetune.kernel_masks(_masks(state.params, hyper_r, group), state.frozen)
+        return finetune.pruned_weights(state.frozen, mask)
+    return jax.vmap(one)(states, hyper)
+
+
 def gather_batches(images, labels, permutations, seeds, step, *, group: Group):
     """Every run's batch of step `step`: its slice of this epoch's permutation, gathered and
     augmented (device_data.train_batch, vmapped over the runs)."""
@@ -251,7 +301,8 @@ def gather_batches(images, labels, permutations, seeds, step, *, group: Group):
         images, labels, permutations, seeds, epoch, index)
 
 
-def group_step(states, alive, permutations, step, data, *, group: Group, mesh: Mesh):
+def group_step(states, alive, permutations, step, data, *, group: Group, mesh: Mesh,
+               run_step=_run_step):
     """All runs' step `step`: each run's batch (gathered here from the data on the device, or
     given as data["batch"] when the data set stays in host memory), then _run_step vmapped
     over the runs."""
@@ -263,7 +314,7 @@ def group_step(states, alive, permutations, step, data, *, group: Group, mesh: M
     batches = jax.lax.with_sharding_constraint(
         batches, NamedSharding(mesh, PartitionSpec(RUNS_AXIS, DATA_AXIS)))
     hyper = {k: data[k] for k in HYPER}
-    return jax.vmap(functools.partial(_run_step, group=group), in_axes=(0, 0, 0, 0, None))(
+    return jax.vmap(functools.partial(run_step, group=group), in_axes=(0, 0, 0, 0, None))(
         states, batches, hyper, alive, step)
 
 
@@ -325,6 +376,9 @@ class GroupSteps:
     permutations: Any  # (seeds, epoch) -> [R, N] this epoch's order of every run
     state_sharding: Any
     redraw: Any = None  # IteRand: (states, alive, hyper, step) -> states; None when off
+    start_finetune: Any = None  # fine-tuning: one run's state -> its fine-tuning state
+    finetune: Any = None  # as train, for the fine-tuning steps; None when off
+    pruned: Any = None  # (states, hyper) -> every run's pruned weights
 
 
 def make_steps(group: Group, mesh: Mesh, on_host: bool = False) -> GroupSteps:
@@ -355,8 +409,17 @@ def make_steps(group: Group, mesh: Mesh, on_host: bool = False) -> GroupSteps:
         redraw = jax.jit(functools.partial(group_redraw, group=group),
                          in_shardings=(state_sh, runs, {k: runs for k in HYPER}, None),
                          out_shardings=state_sh, donate_argnums=0)
+    start_ft = finetune_fn = pruned = None
+    if group.finetune_steps:
+        start_ft = jax.jit(functools.partial(_start_finetune, group=group))
+        # Every leaf of a fine-tuning state is split over the runs, as the training state's
+        finetune_fn = jax.jit(functools.partial(group_step, group=group, mesh=mesh,
+                                                run_step=_finetune_run_step),
+                              in_shardings=(runs, runs, runs, repl, data_sh),
+                              out_shardings=(runs, runs, runs), donate_argnums=(0, 1))
+        pruned = jax.jit(functools.partial(group_pruned_weights, group=group), out_shardings=runs)
     return GroupSteps(tuple(inits[m] for m in group.models), train_fn, eval_fn, perms, state_sh,
-                      redraw)
+                      redraw, start_ft, finetune_fn, pruned)
 
 
 def _stack(trees):
@@ -386,11 +449,12 @@ def _set_aside_newer(checkpointer, step: int | None) -> None:
     checkpointer.manager.reload()
 
 
-def _restore_group(checkpointers, templates, identities, on_corrupt: str, say):
+def _restore_group(checkpointers, template_for, identities, on_corrupt: str, say):
     """Every run's state and meta at the newest step all runs saved, as
     (step, [(state, meta)], corrupt steps per run); (None, None, corrupt) when there is none.
     A corrupt checkpoint is moved aside to <step>.corrupt (on_corrupt "fall_back") and the
-    group falls back to the next common step, or raises (on_corrupt "refuse")."""
+    group falls back to the next common step, or raises (on_corrupt "refuse").
+    template_for(step, r): run r's state template for a checkpoint of `step`."""
     corrupt = [[] for _ in checkpointers]
     while (step := _common_step(checkpointers)) is not None:
         for c in checkpointers:
@@ -398,7 +462,7 @@ def _restore_group(checkpointers, templates, identities, on_corrupt: str, say):
         restored = []
         for r, c in enumerate(checkpointers):
             try:
-                restored.append(c.restore(templates[r], identities[r], step=step,
+                restored.append(c.restore(template_for(step, r), identities[r], step=step,
                                           added_defaults={"model": ckpt_lib.ADDED_MODEL_OPTIONS}))
             except ckpt_lib.CorruptCheckpoint as e:
                 if on_corrupt == "refuse":
@@ -490,30 +554,42 @@ def train_group(configs: list, workdirs: list, *, devices=None, cache_dir: str |
     checkpointers = [ckpt_lib.Checkpointer(os.path.join(str(w), "checkpoints"), max_to_keep=keep)
                      for w in workdirs]
     rerand = steps.redraw is not None
-    start, restored, corrupt = _restore_group(checkpointers, states, [m.identity() for m in metas],
+    phase_end = group.total_steps  # the scores' training ends here; fine-tuning (if any) follows
+    end = phase_end + group.finetune_steps
+
+    def template_for(at: int, r: int):  # a fine-tuning step's checkpoint holds its optimizer
+        return steps.start_finetune(states[r]) if at > phase_end else states[r]
+
+    start, restored, corrupt = _restore_group(checkpointers, template_for,
+                                              [m.identity() for m in metas],
                                               train.on_corrupt(base), say)
+    fine_tuning = start is not None and start > phase_end
     if start is not None:
         for r, c in enumerate(checkpointers):
             states[r], saved = restored[r]
             metas[r] = dataclasses.replace(metas[r], history=ckpt_lib.RunMeta.from_json(saved).history)
-            # (IteRand's redraws change them: its checkpoints' checksums vouch for them instead)
-            if not rerand and ckpt_lib.tree_hash(states[r].frozen) != frozen_hashes[r]:
+            # (IteRand's redraws and fine-tuning change them: the checksums vouch for them then)
+            if not (rerand or fine_tuning) and ckpt_lib.tree_hash(states[r].frozen) != frozen_hashes[r]:
                 raise ckpt_lib.CheckpointError(f"{c.directory}: the frozen weights differ from "
                                                "this seed's")
         say(f"group of {group.size}: resumed from step {start}")
     histories = [m.history for m in metas]
-    states = jax.device_put(_stack(states), steps.state_sharding)
+    states = jax.device_put(_stack(states), runs_sh if fine_tuning else steps.state_sharding)
     alive = jax.device_put(np.ones((group.size,), bool), runs_sh)
     # The frozen weights as the last redraw left them (per leaf, all runs): nothing else may
     # change them, and the end of the run checks that nothing did.
     frozen_after_redraw = ckpt_lib.checksum(states.frozen) if rerand else None
+    # Fine-tuning's invariant: the weights the fixed mask prunes never move.
+    pruned_at_start = (ckpt_lib.checksum(steps.pruned(states, {k: data[k] for k in HYPER}))
+                       if fine_tuning else None)
     writers = [MetricWriter(str(w), tensorflow=False) for w in workdirs]
 
-    every = train.Intervals(total=group.total_steps, log=base.get("log_every_steps", 50),
+    every = train.Intervals(total=end, log=base.get("log_every_steps", 50),
                             eval=base.get("eval_every_steps", 0) or group.steps_per_epoch,
                             checkpoint=base.get("checkpoint_every_steps", 0) or group.steps_per_epoch)
     step = start or 0
     say(f"group of {group.size} runs: {config_summary(configs)}; {group.total_steps} steps "
+        f"{f'+ {group.finetune_steps} fine-tuning ' if group.finetune_steps else ''}"
         f"({group.steps_per_epoch} per epoch), batch {base.batch_size} per run, mesh "
         f"{dict(mesh.shape)}")
     diverged: dict[int, dict] = {}
@@ -555,7 +631,7 @@ def train_group(configs: list, workdirs: list, *, devices=None, cache_dir: str |
                                           "train/accuracy": values["accuracy"],
                                           "train/images_per_sec": rate})
             losses = " ".join(f"{np.mean([m['loss'][r] for _, m in got]):.3f}" for r in live()[:8])
-            say(f"step {step}/{group.total_steps}: {len(live())} of {group.size} runs training, "
+            say(f"step {step}/{end}: {len(live())} of {group.size} runs training, "
                 f"{rate:.0f} img/s per run ({rate * len(live()):.0f} in all); losses {losses}"
                 f"{' ...' if len(live()) > 8 else ''}")
             since = time.time()
@@ -575,6 +651,16 @@ def train_group(configs: list, workdirs: list, *, devices=None, cache_dir: str |
 
     def scheduled_k(r: int) -> float | None:
         return group.keep_fractions(step)[r] if group.schedules[r].active else None
+
+    def check_frozen_before_finetuning():
+        """The scores' training left the weights as they were (or as IteRand redrew them)."""
+        if rerand:
+            if ckpt_lib.checksum(states.frozen) != frozen_after_redraw:
+                raise RuntimeError("frozen weights changed between IteRand's redraws: this is a bug")
+            return
+        for r in live():
+            if ckpt_lib.tree_hash(jax.device_get(_unstack(states.frozen, r))) != frozen_hashes[r]:
+                raise RuntimeError("frozen weights changed during training: this is a bug")
 
     def save(force=False):
         for r in live():
@@ -601,10 +687,17 @@ def train_group(configs: list, workdirs: list, *, devices=None, cache_dir: str |
             h = histories[r]["eval"]
             if h and h[-1]["step"] == step:
                 last_eval[r] = {k: v for k, v in h[-1].items() if k not in ("step", "epoch")}
-        if 0 < step <= group.total_steps and every.due(step, every.eval) and None in last_eval:
+        if 0 < step <= end and every.due(step, every.eval) and None in last_eval:
             evaluate()
         with Preemption() as preemption:
-            while step < group.total_steps and live():
+            while step < end and live():
+                if step == phase_end and not fine_tuning:  # the mask is fixed from here on
+                    check_frozen_before_finetuning()
+                    states = jax.vmap(functools.partial(_start_finetune, group=group))(states)
+                    pruned_at_start = ckpt_lib.checksum(steps.pruned(states, {k: data[k] for k in HYPER}))
+                    fine_tuning = True
+                    say(f"step {step}: the scores' training is done; fine-tuning the kept weights "
+                        f"for {group.finetune_steps} steps, the masks fixed")
                 set_counts(step)
                 epoch = step // group.steps_per_epoch
                 if epoch != perm_epoch:
@@ -615,16 +708,19 @@ def train_group(configs: list, workdirs: list, *, devices=None, cache_dir: str |
                     batch = host_batches(host["image"], host["label"], host_permutations,
                                          host["seed"], step)
                     data["batch"] = jax.device_put(batch, batch_sh)
-                states, alive, metrics = steps.train(states, alive, permutations, step, data)
+                step_fn = steps.finetune if fine_tuning else steps.train
+                states, alive, metrics = step_fn(states, alive, permutations, step, data)
                 if simulated_devices:
                     jax.block_until_ready(metrics)
                 step += 1
-                if rerand and iterand.due(base.model, step):
+                if rerand and step <= phase_end and iterand.due(base.model, step):
                     states = steps.redraw(states, alive, {k: data[k] for k in HYPER}, step)
                     frozen_after_redraw = ckpt_lib.checksum(states.frozen)
                 pending.append((step, metrics))
                 logging_now, evaluating, saving = (every.due(step, n) for n in
                                                    (every.log, every.eval, every.checkpoint))
+                if group.finetune_steps and step == phase_end:  # the subnetwork before fine-tuning
+                    evaluating = saving = True
                 stop_asked = stop_after_steps is not None and step - (start or 0) >= stop_after_steps
                 stop = stop_asked or preemption.requested
                 if logging_now or evaluating or saving or stop:
@@ -649,7 +745,10 @@ def train_group(configs: list, workdirs: list, *, devices=None, cache_dir: str |
         for w in writers:
             w.close()
 
-    if rerand and ckpt_lib.checksum(states.frozen) != frozen_after_redraw:
+    if fine_tuning:
+        if ckpt_lib.checksum(steps.pruned(states, {k: data[k] for k in HYPER})) != pruned_at_start:
+            raise RuntimeError("fine-tuning changed a weight its mask prunes: this is a bug")
+    elif rerand and ckpt_lib.checksum(states.frozen) != frozen_after_redraw:
         raise RuntimeError("frozen weights changed between IteRand's redraws: this is a bug")
     wall = time.time() - t_start
     results = []
@@ -658,13 +757,13 @@ def train_group(configs: list, workdirs: list, *, devices=None, cache_dir: str |
             results.append(diverged[r])
             continue
         state = jax.device_get(_unstack(states, r))
-        if not rerand and ckpt_lib.tree_hash(state.frozen) != frozen_hashes[r]:
+        if not (rerand or fine_tuning) and ckpt_lib.tree_hash(state.frozen) != frozen_hashes[r]:
             raise RuntimeError("frozen weights changed during training: this is a bug")
         rows = train.check_kept_counts(
             state, group.models[r], lambda k: group.schedules[r].keep_fraction(step, k))
         history = histories[r]
         result = {
-            "step": step, "total_steps": group.total_steps, "preempted": preempted,
+            "step": step, "total_steps": end, "preempted": preempted,
             "eval": last_eval[r], "frozen_sha256": frozen_hashes[r],
             "state_sha256": ckpt_lib.tree_hash({"params": state.params,
                                                 "batch_stats": state.batch_stats,
@@ -679,7 +778,10 @@ def train_group(configs: list, workdirs: list, *, devices=None, cache_dir: str |
             "wall_time_sec": wall, "num_devices": int(mesh.devices.size), "num_processes": 1,
             "data_order_changed": None, "pipeline": "device",
             "corrupt_checkpoint": train.corrupt_record(corrupt[r], start),
-            "iterand": ({"redraws": step // base.model.rerand_every,
+            "finetune": ({"steps": group.finetune_steps, "from_step": phase_end,
+                          "eval_before": next((h for h in history["eval"] if h["step"] == phase_end), None)}
+                         if group.finetune_steps else None),
+            "iterand": ({"redraws": min(step, phase_end) // base.model.rerand_every,
                          "frozen_sha256_final": ckpt_lib.tree_hash(state.frozen)}
                         if rerand else None),
             "keep_fraction_schedule": ({**dataclasses.asdict(group.schedules[r]),

@@ -26,8 +26,8 @@ from etils import epath
 from edgepopup_jax.core import masking, selection, summary
 from edgepopup_jax.models import get_model
 from edgepopup_jax.training import checkpoint as ckpt_lib
-from edgepopup_jax.training import (evaluation, files, input_pipeline, iterand, optim, sharding,
-                                    sparsity)
+from edgepopup_jax.training import (evaluation, files, finetune, input_pipeline, iterand, optim,
+                                    sharding, sparsity)
 from edgepopup_jax.training.metric_writer import MetricWriter
 from edgepopup_jax.training.preemption import Preemption
 
@@ -175,6 +175,7 @@ def check_run_options(config: ml_collections.ConfigDict, info: input_pipeline.Da
     ckpt_lib.check_on_corrupt(on_corrupt(config))
     sparsity.check(config.model)
     iterand.check(config.model)
+    finetune.check(config)
     channels = info.image_shape[-1]
     for field in ("mean", "std"):
         values = tuple(config.data[field])
@@ -328,6 +329,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devic
         raise ValueError("model.keep_fraction_anneal_epochs > 0 (a sparsity schedule) trains on "
                          "the device data path: set data.pipeline='device' (or 'auto'); the "
                          "tf_data path selects with a fixed keep_fraction")
+    if config.get("finetune_epochs", 0.0):
+        raise ValueError("finetune_epochs > 0 trains on the device data path: set "
+                         "data.pipeline='device' (or 'auto')")
     if iterand.active(config.model):
         raise ValueError("model.rerand_every > 0 (IteRand) trains on the device data path: set "
                          "data.pipeline='device' (or 'auto')")
