@@ -302,7 +302,7 @@ def gather_batches(images, labels, permutations, seeds, step, *, group: Group):
 
 
 def group_step(states, alive, permutations, step, data, *, group: Group, mesh: Mesh,
-               run_step=_run_step):
+               run_step=None):
     """All runs' step `step`: each run's batch (gathered here from the data on the device, or
     given as data["batch"] when the data set stays in host memory), then _run_step vmapped
     over the runs."""
@@ -314,6 +314,7 @@ def group_step(states, alive, permutations, step, data, *, group: Group, mesh: M
     batches = jax.lax.with_sharding_constraint(
         batches, NamedSharding(mesh, PartitionSpec(RUNS_AXIS, DATA_AXIS)))
     hyper = {k: data[k] for k in HYPER}
+    run_step = run_step or _run_step  # (looked up here, so that tests can replace it)
     return jax.vmap(functools.partial(run_step, group=group), in_axes=(0, 0, 0, 0, None))(
         states, batches, hyper, alive, step)
 
