@@ -84,7 +84,7 @@ SLOW = (
     "test_faults.py::test_cli_", "test_platforms.py::test_main_prints_no_traceback",
     # the follow-up methods' groups
     "test_followups.py::test_schedules_scopes_and_iterand", "test_iterand.py::test_iterand_resumes",
-    "test_sparsity.py::test_a_scheduled_run_takes",
+    "test_sparsity.py::test_a_scheduled_run_takes", "test_finetune.py::test_fine_tuning_resumes",
 )
 
 

@@ -81,3 +81,11 @@ def test_the_tf_data_path_refuses_fine_tuning(tmp_path):
     with pytest.raises(ValueError, match="finetune_epochs > 0 trains on the device data path"):
         train.train_and_evaluate(tuned(**{"data.pipeline": "tf_data"}), str(tmp_path),
                                  devices=one_device())
+
+
+def test_a_pruned_weight_moved_by_fine_tuning_is_caught(tmp_path, monkeypatch):
+    """Without the update mask, weight decay moves the pruned weights: the run says so."""
+    from edgepopup_jax.training import finetune
+    monkeypatch.setattr(finetune, "masked", lambda tree, mask: tree)
+    with pytest.raises(RuntimeError, match="fine-tuning changed a weight its mask prunes"):
+        parallel.train_group([tuned()], [str(tmp_path / "run")], devices=one_device())
