@@ -1,6 +1,7 @@
 """The follow-up methods of the device path in combination: every sparsity schedule with every
-IteRand mode and both mask scopes (the full product, 18 runs in 3 groups), each finishing with
-exact kept counts and exporting a subnet that scores as the trainer did; nonsense combinations
+IteRand mode and both mask scopes (the full product, 18 runs in 3 groups), and with fine-tuning
+and binary weights (4 more groups), each finishing with exact kept counts and exporting a subnet
+that scores as the trainer did; every layer option resuming bit-exactly; nonsense combinations
 refused at start naming both fields."""
 import itertools
 import pathlib
@@ -24,11 +25,15 @@ RERANDS = {"off": {}, "bernoulli": {"model.rerand_every": 4, "model.rerand_rate"
                       "model.rerand_lambda": 0.5, "model.rerand_mu": 0.5}}
 
 
-@pytest.mark.parametrize("rerand", list(RERANDS))
-def test_schedules_scopes_and_iterand_train_evaluate_and_export_together(tmp_path, rerand):
+EXTRAS = {"none": {}, "finetune": {"finetune_epochs": 4 / 62}, "binary": {"model.binary_weights": True}}
+
+
+@pytest.mark.parametrize("rerand, extra", [(r, "none") for r in RERANDS] + [
+    ("bernoulli", "finetune"), ("off", "finetune"), ("manual", "binary"), ("off", "binary")])
+def test_schedules_scopes_and_iterand_train_evaluate_and_export_together(tmp_path, rerand, extra):
     rows = list(itertools.product(("layer", "global"), ANNEALS))
     configs = [config(**{"model.keep_fraction": 0.3, "model.mask_scope": scope, **ANNEALS[anneal],
-                         **RERANDS[rerand], "seed": i})
+                         **RERANDS[rerand], **EXTRAS[extra], "seed": i})
                for i, (scope, anneal) in enumerate(rows)]
     dirs = [str(tmp_path / f"{scope}-{anneal}") for scope, anneal in rows]
     results = parallel.train_group(configs, dirs, devices=one_device())
@@ -60,3 +65,19 @@ def test_nonsense_combinations_are_refused_naming_both_fields(tmp_path, override
                              [str(tmp_path / "run")], devices=one_device())
     assert all(f in str(e.value) for f in fields), str(e.value)
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("overrides", [
+    {"model.binary_weights": True},
+    {"model.score_init": "uniform", "model.score_init_scale": 0.5},
+    {"model.first_last_keep_fraction": 0.5, "model.linear_keep_fraction": 0.4},
+    {"model.name": "cifar_resnet18", "model.width": 0.0625, "model.stage_sizes": (1,),
+     "model.bn_affine": True, "model.weight_init": "kaiming_normal"},
+], ids=["binary", "score_init", "per_layer_k", "bn_affine"])
+def test_each_layer_option_resumes_bit_exactly(tmp_path, overrides):
+    c = config(**{"model.keep_fraction": 0.3, "num_train_steps": 8, **overrides})
+    straight = parallel.train_group([c], [str(tmp_path / "a")], devices=one_device())[0]
+    parallel.train_group([c], [str(tmp_path / "b")], devices=one_device(), stop_after_steps=4)
+    resumed = parallel.train_group([c], [str(tmp_path / "b")], devices=one_device())[0]
+    assert resumed["state_sha256"] == straight["state_sha256"]
+    assert [h["loss"] for h in resumed["train_history"]] == [h["loss"] for h in straight["train_history"]]

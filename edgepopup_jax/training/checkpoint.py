@@ -276,6 +276,8 @@ class Checkpointer:
         for key, defaults in (added_defaults or {}).items():
             if isinstance(meta.get(key), dict):
                 meta = {**meta, key: {**defaults, **meta[key]}}
+        # Compared as JSON reads them back: a tuple option (stage_sizes=(1,)) is saved as a list.
+        expected_meta = json.loads(json.dumps(expected_meta))
         diffs = {k: (meta.get(k), v) for k, v in expected_meta.items() if meta.get(k) != v}
         if diffs:
             lines = "; ".join(f"{k}: checkpoint has {json.dumps(a)}, this run has {json.dumps(b)}"
@@ -289,9 +291,11 @@ class Checkpointer:
         except Exception as e:  # noqa: BLE001
             # Arrays of other shapes are another model; the same shapes that fail to read are
             # damaged files.
-            error = CorruptCheckpoint if self._same_shapes(step, abstract) else CheckpointError
-            raise error(f"{where} could not be restored into this model "
-                        f"({type(e).__name__}: {e})") from e
+            if self._same_shapes(step, abstract):
+                raise CorruptCheckpoint(f"{where} is unreadable: its arrays have this model's "
+                                        f"shapes but do not read ({type(e).__name__}: {e})") from e
+            raise CheckpointError(f"{where} could not be restored into this model "
+                                  f"({type(e).__name__}: {e})") from e
         if "checksum" in meta:  # each process checks the state as it restored it, on its devices
             got = checksum(restored)
             bad = [path for path, a, b in zip(_leaf_paths(restored), got, meta["checksum"]) if a != b]
