@@ -48,9 +48,11 @@ MNIST_METHODS = {
     "EP+cosine_k": {"model.keep_fraction_anneal_epochs": 7.0, "model.keep_fraction_start": 1.0,
                     "model.keep_fraction_anneal": "cosine"},
     "EP+uniform_scores": {"model.score_init": "uniform"},
+    # prune, then fine-tune, in the same 1,240 steps: 15 epochs of scores, 5 of the kept weights
+    "EP+finetune": {"num_epochs": 15.0, "finetune_epochs": 5.0},
 }
 CIFAR_METHODS = {
-    **MNIST_METHODS,
+    **{k: v for k, v in MNIST_METHODS.items() if k != "EP+finetune"},
     "EP+IteRand": {"model.rerand_every": 50, "model.rerand_rate": 0.1, "model.rerand_mode": "bernoulli"},
     "EP+cosine_k": {"model.keep_fraction_anneal_epochs": 0.33, "model.keep_fraction_start": 1.0,
                     "model.keep_fraction_anneal": "cosine"},
