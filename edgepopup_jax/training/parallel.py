@@ -211,35 +211,46 @@ def _masks(params, hyper, group: Group):
                         masks["layer"])
 
 
-def _run_step(state: train.TrainState, batch, hyper, alive, step, *, group: Group):
-    """One run's train step (vmapped over the runs): as train.train_step, with the masks
-    selected for this run's kept counts. A run that is not alive, or whose loss or gradients
-    are not finite, keeps its state."""
+def _train_loss(variables, batch, rng, *, group: Group):
+    """One run's mean loss on its batch in train mode, with (logits, updated batch_stats)."""
     config, model = group.configs[0], group.models[0]
-    rng = jax.random.fold_in(state.rng, step)
     images = input_pipeline.normalize(batch["image"], tuple(config.data.mean), tuple(config.data.std))
-    tx = run_optimizer(config, group, hyper["learning_rate"], hyper["weight_decay"])
+    logits, updates = model.apply(variables, images, train=True, mutable=["batch_stats"],
+                                  rngs={masking.SAMPLE_RNG: rng})
+    loss = evaluation.cross_entropy(logits, batch["label"], group.info.num_classes,
+                                    config.optim.get("label_smoothing", 0.0)).mean()
+    return loss, (logits, updates.get("batch_stats", variables["batch_stats"]))
 
-    def loss_fn(params):
-        variables = {**state.variables(), "params": params}
-        if model.mask == "edge_popup":
-            variables[selection.MASKS] = _masks(params, hyper, group)
-        logits, updates = model.apply(variables, images, train=True, mutable=["batch_stats"],
-                                      rngs={masking.SAMPLE_RNG: rng})
-        loss = evaluation.cross_entropy(logits, batch["label"], group.info.num_classes,
-                                        config.optim.get("label_smoothing", 0.0)).mean()
-        return loss, (logits, updates.get("batch_stats", state.batch_stats))
 
-    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    new = state.replace(step=step + 1, params=optax.apply_updates(state.params, updates),
-                        batch_stats=batch_stats, opt_state=opt_state)
+def _keep_if_finite(new, state, loss, grads, logits, batch, alive):
+    """(new, or state where the run is not alive or its loss or gradients are not finite;
+    alive after the step; the step's metrics)."""
     finite = jnp.isfinite(loss) & jnp.all(jnp.stack([jnp.all(jnp.isfinite(g))
                                                      for g in jax.tree.leaves(grads)]))
     keep = alive & finite
     new = jax.tree.map(lambda a, b: jnp.where(keep, a, b), new, state)
     accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
     return new, keep, {"loss": loss, "accuracy": accuracy, "finite": finite}
+
+
+def _run_step(state: train.TrainState, batch, hyper, alive, step, *, group: Group):
+    """One run's train step (vmapped over the runs): as train.train_step, with the masks
+    selected for this run's kept counts. A run that is not alive, or whose loss or gradients
+    are not finite, keeps its state."""
+    rng = jax.random.fold_in(state.rng, step)
+    tx = run_optimizer(group.configs[0], group, hyper["learning_rate"], hyper["weight_decay"])
+
+    def loss_fn(params):
+        variables = {**state.variables(), "params": params}
+        if group.models[0].mask == "edge_popup":
+            variables[selection.MASKS] = _masks(params, hyper, group)
+        return _train_loss(variables, batch, rng, group=group)
+
+    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    new = state.replace(step=step + 1, params=optax.apply_updates(state.params, updates),
+                        batch_stats=batch_stats, opt_state=opt_state)
+    return _keep_if_finite(new, state, loss, grads, logits, batch, alive)
 
 
 def _finetune_tx(config, group: Group, learning_rate, weight_decay):
@@ -255,31 +266,20 @@ def _start_finetune(state: train.TrainState, *, group: Group) -> train.TrainStat
 def _finetune_run_step(state: train.TrainState, batch, hyper, alive, step, *, group: Group):
     """One run's fine-tuning step (training/finetune.py): the mask its final scores select,
     fixed; the kept weights trained; the scores, and every pruned weight, left as they are."""
-    config, model = group.configs[0], group.models[0]
     rng = jax.random.fold_in(state.rng, step)
-    images = input_pipeline.normalize(batch["image"], tuple(config.data.mean), tuple(config.data.std))
-    tx = _finetune_tx(config, group, hyper["learning_rate"], hyper["weight_decay"])
+    tx = _finetune_tx(group.configs[0], group, hyper["learning_rate"], hyper["weight_decay"])
     masks = jax.lax.stop_gradient(_masks(state.params, hyper, group))
     keep_mask = finetune.kernel_masks(masks, state.frozen)
 
     def loss_fn(frozen):
         variables = {**state.variables(), "frozen": frozen, selection.MASKS: masks}
-        logits, updates = model.apply(variables, images, train=True, mutable=["batch_stats"],
-                                      rngs={masking.SAMPLE_RNG: rng})
-        loss = evaluation.cross_entropy(logits, batch["label"], group.info.num_classes,
-                                        config.optim.get("label_smoothing", 0.0)).mean()
-        return loss, (logits, updates.get("batch_stats", state.batch_stats))
+        return _train_loss(variables, batch, rng, group=group)
 
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.frozen)
     updates, opt_state = tx.update(finetune.masked(grads, keep_mask), state.opt_state, state.frozen)
     frozen = optax.apply_updates(state.frozen, finetune.masked(updates, keep_mask))
     new = state.replace(step=step + 1, frozen=frozen, batch_stats=batch_stats, opt_state=opt_state)
-    finite = jnp.isfinite(loss) & jnp.all(jnp.stack([jnp.all(jnp.isfinite(g))
-                                                     for g in jax.tree.leaves(grads)]))
-    keep = alive & finite
-    new = jax.tree.map(lambda a, b: jnp.where(keep, a, b), new, state)
-    accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
-    return new, keep, {"loss": loss, "accuracy": accuracy, "finite": finite}
+    return _keep_if_finite(new, state, loss, grads, logits, batch, alive)
 
 
 def group_pruned_weights(states, hyper, *, group: Group):
