@@ -23,7 +23,6 @@ from etils import epath
 SUPERVISED = "EDGEPOPUP_SUPERVISED"  # set in the child's environment
 LOST_PEER_EXIT = 3
 
-
 # The first signs of a lost peer, in the output of a survivor.
 TROUBLE = re.compile(r"heartbeat|Connection closed by peer|Connection reset by peer|Socket closed|"
                      r"detected fatal errors|unhealthy|Gloo .* failed|NCCL .*(error|failure)",
