@@ -309,6 +309,12 @@ class Checkpointer:
                             FORMAT_VERSION)
         return restored, meta
 
+    def _saved_state_tree(self, step: int):
+        """The saved state's tree of array metadata (shapes, dtypes), read without a template."""
+        saved = ocp.StandardCheckpointer().metadata(os.path.join(self.directory, str(step), "state"))
+        tree = getattr(saved, "item_metadata", saved)
+        return getattr(tree, "tree", tree)
+
     def _same_shapes(self, step: int, abstract) -> bool:
         """Whether the saved state's arrays have the shapes and dtypes of abstract's (compared
         as sorted lists: orbax names a tree's nodes its own way). Unreadable metadata counts as
@@ -316,9 +322,7 @@ class Checkpointer:
         def signature(tree):
             return sorted((tuple(a.shape), str(np.dtype(a.dtype))) for a in jax.tree.leaves(tree))
         try:
-            saved = ocp.StandardCheckpointer().metadata(os.path.join(self.directory, str(step), "state"))
-            tree = getattr(saved, "item_metadata", saved)
-            saved_signature = signature(getattr(tree, "tree", tree))
+            saved_signature = signature(self._saved_state_tree(step))
         except Exception:  # noqa: BLE001
             return True
         return not saved_signature or saved_signature == signature(abstract)
@@ -375,11 +379,9 @@ class Checkpointer:
         try:
             # Onto this process's first device: the checkpoint may come from another topology
             # (a pod slice, 8 GPUs), whose saved shardings cannot be rebuilt here.
-            saved = ocp.StandardCheckpointer().metadata(os.path.join(self.directory, str(step), "state"))
-            tree = getattr(saved, "item_metadata", saved)
-            tree = getattr(tree, "tree", tree)
             here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-            abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=here), tree)
+            abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=here),
+                                    self._saved_state_tree(step))
             restored = self.manager.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
         except Exception as e:  # noqa: BLE001

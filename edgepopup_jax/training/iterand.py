@@ -23,6 +23,8 @@ import flax
 import jax
 import jax.numpy as jnp
 
+from edgepopup_jax.core import masking
+
 MODES = ("bernoulli", "manual")
 FIELDS = ("rerand_every", "rerand_rate", "rerand_mode", "rerand_lambda", "rerand_mu")
 DEFAULTS = {"rerand_every": 0, "rerand_rate": 0.1, "rerand_mode": "bernoulli",
@@ -94,7 +96,6 @@ def redraw(frozen, masks, fresh, key, *, mode: str, rate: float, lam: float, mu:
 
 def fresh_weights(model, key, image_shape):
     """A new draw of every frozen weight from its layer's own init (model.init with key)."""
-    from edgepopup_jax.core import masking
     variables = model.init({"params": key, masking.SAMPLE_RNG: key},
                            jnp.zeros((1,) + tuple(image_shape), jnp.float32), train=False)
     return variables["frozen"]

@@ -443,11 +443,9 @@ def _set_aside_newer(checkpointer, step: int | None) -> None:
     the group retrains those steps, and orbax must not find a newer step when it saves them."""
     for s in checkpointer.manager.all_steps():
         if step is None or s > step:
-            src = epath.Path(checkpointer.directory) / str(s)
-            dst = epath.Path(checkpointer.directory) / f"{s}.ahead_of_group.{int(time.time())}"
-            logging.warning("moving %s aside to %s: the group resumes from step %s", src, dst, step)
-            src.rename(dst)
-    checkpointer.manager.reload()
+            moved = checkpointer.set_aside(s, f"ahead_of_group.{int(time.time())}")
+            logging.warning("moved checkpoint %d aside to %s: the group resumes from step %s", s,
+                            moved, step)
 
 
 def _restore_group(checkpointers, template_for, identities, on_corrupt: str, say):
