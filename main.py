@@ -40,7 +40,7 @@ def main(argv):
         return supervisor.supervise(sys.argv, workdir=FLAGS.workdir, process_id=FLAGS.process_id,
                                     num_processes=FLAGS.num_processes)
     from edgepopup_jax.training import checkpoint as ckpt_lib
-    from edgepopup_jax.training import parallel, sharding, train
+    from edgepopup_jax.training import parallel, sharding, train, workdir_lock
 
     sharding.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
                                     multihost=FLAGS.multihost)
@@ -59,6 +59,9 @@ def main(argv):
         logging.error("%s", e)                                 # the checkpoints intact
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except workdir_lock.WorkdirBusy as e:  # another job trains there: nothing was touched
+        print(f"error: {e}", file=sys.stderr)
+        return workdir_lock.BUSY_EXIT
     if isinstance(results, list):  # config.parallel_runs seeds, one group
         for r in results:
             seed = r["seed"] if "seed" in r else r["config"]["seed"]

@@ -22,6 +22,7 @@ sys.path.insert(0, str(ROOT))
 
 from edgepopup_jax.training import checkpoint as ckpt_lib  # noqa: E402
 from edgepopup_jax.training import input_pipeline, optim, sharding, train  # noqa: E402
+from test_workdir_lock import alive  # noqa: E402
 
 _spec = importlib.util.spec_from_file_location("multihost_worker", ROOT / "tests" / "multihost_worker.py")
 _worker = importlib.util.module_from_spec(_spec)
@@ -223,8 +224,16 @@ def test_a_lost_process_ends_the_other_with_one_line_and_the_relaunch_resumes(tm
     while not (checkpoints / "20").is_dir() and time.time() < deadline:
         assert all(p.poll() is None for p, _ in procs), (tmp_path / "maina0.txt").read_text()[-3000:]
         time.sleep(0.2)
-    os.killpg(procs[1][0].pid, signal.SIGKILL)  # process 1's host is gone
+    # Process 1's supervisor is SIGKILLed alone (the OOM killer, a scheduler signalling the main
+    # PID): its worker must not train on as an orphan, it dies with it (PR_SET_PDEATHSIG).
+    supervisor_pid = procs[1][0].pid
+    worker = int(pathlib.Path(f"/proc/{supervisor_pid}/task/{supervisor_pid}/children").read_text())
+    os.kill(supervisor_pid, signal.SIGKILL)
     killed = time.time()
+    while time.time() - killed < 10 and alive(worker):
+        time.sleep(0.05)
+    print(f"process 1's worker was gone {time.time() - killed:.2f} s after its supervisor")
+    assert not alive(worker)
     try:
         code = procs[0][0].wait(timeout=90)
     finally:
@@ -245,6 +254,17 @@ def test_a_lost_process_ends_the_other_with_one_line_and_the_relaunch_resumes(tm
 
     relaunched = _launch_main(tmp_path, "b", f"127.0.0.1:{free_port()}")
     try:
+        locks = [tmp_path / "workdir" / f".lock.process{i}" for i in range(NUM_PROCESSES)]
+        while not all(f.exists() and f.read_text() for f in locks) and time.time() < deadline:
+            time.sleep(0.2)
+        # A second job on the same workdir, while the relaunch trains: each process is refused.
+        second = _launch_main(tmp_path, "c", f"127.0.0.1:{free_port()}")
+        assert [p.wait(timeout=TIMEOUT_S) for p, _ in second] == [75, 75]
+        for i, (_, log) in enumerate(second):
+            log.close()
+            out = (tmp_path / f"mainc{i}.txt").read_text()
+            errors = [line for line in out.splitlines() if line.startswith("error:")]
+            assert len(errors) == 1 and " is in use by another training: pid " in errors[0], out[-3000:]
         codes = [p.wait(timeout=TIMEOUT_S) for p, _ in relaunched]
     finally:
         for p, log in relaunched:

@@ -26,7 +26,7 @@ from typing import Callable
 import ml_collections
 from etils import epath
 
-from edgepopup_jax.training import command, files, optim, parallel, train
+from edgepopup_jax.training import command, files, optim, parallel, train, workdir_lock
 from edgepopup_jax.planning import grid as grid_lib
 from edgepopup_jax.planning import paper_figures, sweep_plot
 
@@ -341,6 +341,9 @@ def main(argv) -> int:
     except Stopped as e:
         print(f"stopped: {e}", file=sys.stderr)
         return 1
+    except workdir_lock.WorkdirBusy as e:  # a run's directory is another job's
+        print(f"error: {e}", file=sys.stderr)
+        return workdir_lock.BUSY_EXIT
     return 0
 
 

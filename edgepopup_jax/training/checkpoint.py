@@ -41,7 +41,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
-from edgepopup_jax.training import iterand, sparsity
+from edgepopup_jax.training import iterand, sparsity, workdir_lock
 
 
 class _HideOrbaxInfo(pylogging.Filter):
@@ -216,8 +216,10 @@ class Checkpointer:
 
     def _remove_temporary(self) -> None:
         """Removes what a save that never finished left (a full disk, a killed process): orbax
-        writes into <step>.orbax-checkpoint-tmp-* and renames it only once it is complete."""
-        if jax.process_index() != 0 or "://" in self.directory:
+        writes into <step>.orbax-checkpoint-tmp-* and renames it only once it is complete. Only
+        the holder of the workdir's lock does, so a live writer's save is never taken for one."""
+        if (jax.process_index() != 0 or "://" in self.directory
+                or not workdir_lock.holds(self.directory)):
             return
         for path in sorted(epath.Path(self.directory).glob(TEMPORARY)):
             logging.warning("removing %s, left by a checkpoint save that did not finish", path)

@@ -37,6 +37,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from edgepopup_jax.core import masking, selection, summary
 from edgepopup_jax.training import checkpoint as ckpt_lib
+from edgepopup_jax.training import workdir_lock
 from edgepopup_jax.training import (device_data, evaluation, files, finetune, input_pipeline,
                                     iterand, optim, sparsity, train)
 from edgepopup_jax.training.metric_writer import MetricWriter
@@ -498,10 +499,16 @@ def train_group(configs: list, workdirs: list, *, devices=None, cache_dir: str |
     Raises:
       ValueError: a bad config, configs that cannot form a group (GroupError), a data set that
         the device path cannot hold, or a checkpoint that belongs to another run.
+      workdir_lock.WorkdirBusy: another live job trains in one of workdirs (nothing is touched).
     """
-    say = say or (lambda line: logging.info("%s", line))
     if len(configs) != len(workdirs) or len(set(map(str, workdirs))) != len(workdirs):
         raise ValueError("train_group needs one distinct workdir per config")
+    with workdir_lock.hold(*map(str, workdirs)):
+        return _train_group(configs, workdirs, devices, cache_dir, stop_after_steps, say)
+
+
+def _train_group(configs, workdirs, devices, cache_dir, stop_after_steps, say) -> list[dict]:
+    say = say or (lambda line: logging.info("%s", line))
     if jax.process_count() > 1:
         raise ValueError("the device data path (and so parallel runs) runs in one process; use "
                          "data.pipeline='tf_data' for a multi-host job")

@@ -11,6 +11,7 @@ checkpoint, and that relaunching the same command resumes from it (exit LOST_PEE
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import re
 import signal
@@ -22,6 +23,7 @@ from etils import epath
 
 SUPERVISED = "EDGEPOPUP_SUPERVISED"  # set in the child's environment
 LOST_PEER_EXIT = 3
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 # The first signs of a lost peer, in the output of a survivor.
 TROUBLE = re.compile(r"heartbeat|Connection closed by peer|Connection reset by peer|Socket closed|"
@@ -50,22 +52,35 @@ def latest_checkpoint(workdir: str) -> int | None:
 
 
 class _Watch:
-    """Reads the child's stderr: echoes it until the first sign of trouble, then holds it."""
+    """Reads the child's stderr: echoes it until the first sign of trouble, then holds it. A
+    Python traceback is held until its exception line, which may be the first sign (a
+    collective that fails in Python, not C++, when a peer is gone)."""
 
     def __init__(self, stream, out):
         self.stream, self.out = stream, out
         self.trouble, self.held, self.lost = False, [], set()
         self.coordinator_gone = False
         self._list_follows = False
+        self._traceback: list[str] = []
 
     def read(self) -> None:
         for line in self.stream:
             self._note(line)
             if self.trouble:
-                self.held.append(line)
+                self.held += self._traceback + [line]
+                self._traceback = []
+            elif self._traceback or line.startswith("Traceback (most recent call last)"):
+                self._traceback.append(line)
+                if not line.startswith((" ", "\t", "Traceback")) and line.strip():
+                    self._echo(self._traceback)  # its exception line, and no trouble in it
+                    self._traceback = []
             else:
-                self.out.write(line)
-                self.out.flush()
+                self._echo([line])
+        self.held += self._traceback  # a traceback cut short by the process's end
+
+    def _echo(self, lines: list[str]) -> None:
+        self.out.writelines(lines)
+        self.out.flush()
 
     def _note(self, line: str) -> None:
         if self._list_follows:
@@ -98,13 +113,26 @@ def lost_peer_message(lost: set, coordinator_gone: bool, process_id, num_process
             "on every host to resume from it")
 
 
+def die_with(parent_pid: int):
+    """A preexec_fn: the child is SIGKILLed when its parent dies, so a supervisor killed by
+    SIGKILL (the OOM killer, a scheduler, a user) leaves no worker training on (Linux's
+    PR_SET_PDEATHSIG; elsewhere nothing). SIGTERM and SIGINT reach the supervisor first, which
+    passes them on, so a preemption still saves a checkpoint."""
+    def arm():
+        if sys.platform.startswith("linux"):
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+            if os.getppid() != parent_pid:  # the parent died before the prctl took hold
+                os.kill(os.getpid(), signal.SIGKILL)
+    return arm
+
+
 def supervise(argv: list[str], *, workdir: str, process_id=None, num_processes=None) -> int:
     """Runs `python argv` as a child (with SUPERVISED set) and returns its exit code, or
     LOST_PEER_EXIT with the one-line message when it died after a lost peer. SIGTERM and SIGINT
     are passed on to the child (a preemption notice still saves a checkpoint there)."""
     env = {**os.environ, SUPERVISED: "1", "PYTHONUNBUFFERED": "1"}
     child = subprocess.Popen([sys.executable, *argv], env=env, stderr=subprocess.PIPE, text=True,
-                             errors="replace")
+                             errors="replace", preexec_fn=die_with(os.getpid()))
     forward = lambda signum, _frame: child.send_signal(signum)  # noqa: E731
     previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
     watch = _Watch(child.stderr, sys.stderr)

@@ -26,6 +26,7 @@ from etils import epath
 from edgepopup_jax.core import masking, selection, summary
 from edgepopup_jax.models import get_model
 from edgepopup_jax.training import checkpoint as ckpt_lib
+from edgepopup_jax.training import workdir_lock
 from edgepopup_jax.training import (evaluation, files, finetune, input_pipeline, iterand, optim,
                                     sharding, sparsity)
 from edgepopup_jax.training.metric_writer import MetricWriter
@@ -321,7 +322,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devic
         workdir that is corrupted or belongs to another run (checkpoint.CheckpointError).
       TrainingDiverged: the loss or gradients stopped being finite; the last good checkpoint is
         kept as the latest.
+      workdir_lock.WorkdirBusy: another live job trains in workdir (nothing is touched).
     """
+    with workdir_lock.hold(workdir):
+        return _train_and_evaluate(config, workdir, devices, stop_after_steps)
+
+
+def _train_and_evaluate(config, workdir, devices, stop_after_steps) -> dict:
     # Everything that can be wrong with the config fails here, before anything is written.
     info = input_pipeline.get_info(config.data)
     plan = make_plan(config, info)  # checks the config here, so a bad one fails before the mesh is built
