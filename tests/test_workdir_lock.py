@@ -199,3 +199,18 @@ def test_the_supervisor_holds_a_traceback_that_ends_in_a_lost_peer():
 def test_the_supervisor_shows_any_other_traceback_at_once():
     text = "step 30\n" + TRACEBACK + "ValueError: bad\nstep 31\n"
     assert _watch(text) == (text, "", False)
+
+
+def test_a_group_refuses_when_any_of_its_runs_is_held_and_touches_none(tmp_path, holder):
+    from edgepopup_jax.configs import default
+    from edgepopup_jax.training import parallel
+
+    config = default.get_config()
+    config.parallel_runs = 3
+    configs, workdirs = parallel.seed_workdirs(config, str(tmp_path))
+    holder(workdirs[1])
+    with pytest.raises(workdir_lock.WorkdirBusy, match="seed_1 is in use by another training"):
+        parallel.train_group(configs, workdirs)
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == [
+        "seed_0", "seed_0/.lock.process0", "seed_1", "seed_1/.lock.process0"]  # lock files only
+    assert not any(workdir_lock.holds(w) for w in workdirs)
