@@ -82,6 +82,7 @@ SLOW = (
     "test_models.py::test_grad_only_scores_conv4",
     # faults met through main.py: a corrupt checkpoint, a full disk, a CPU machine's plugins
     "test_faults.py::test_cli_", "test_platforms.py::test_main_prints_no_traceback",
+    "test_workdir_lock.py::test_cli_",
     # the follow-up methods' groups
     "test_followups.py::test_schedules_scopes_and_iterand", "test_iterand.py::test_iterand_resumes",
     "test_sparsity.py::test_a_scheduled_run_takes", "test_finetune.py::test_fine_tuning_resumes",
