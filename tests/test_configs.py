@@ -21,6 +21,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from edgepopup_jax.core import inits, masking  # noqa: E402
+from edgepopup_jax.training import checkpoint as ckpt_lib  # noqa: E402
 from edgepopup_jax.training import input_pipeline, optim, train  # noqa: E402
 
 CONFIG_FILES = sorted(p.name for p in (ROOT / "configs").glob("*.py")
@@ -192,6 +193,22 @@ def test_config_trains_one_step(spec, mock_data_dir, tmp_path, fast_compile):
             assert r["mode"] == "dense" and r["kept"] == r["total"], r
         else:
             assert r["mode"] == "supermask" and 0 <= r["kept"] <= r["total"], r
+
+    # The step moved what trains and nothing else: against the state the trainer started from
+    # (the same seed's init), the saved step-1 state has the frozen weights bit-identical and
+    # most trained entries changed, scores or the baseline's kernels (all of them under SGD's
+    # weight decay; about half under Adam without it, where a dead unit's weights get no
+    # gradient at batch 4), so a step that changes nothing, or only some layers, fails here.
+    info = input_pipeline.get_info(config.data)
+    model = train.build_model(config, info.num_classes)
+    tx = optim.make_optimizer(config.optim, optim.learning_rate_schedule(config.optim, 1, 1))
+    start = jax.jit(lambda: train.create_state(model, tx, info.image_shape, config.seed))()
+    saved, _ = ckpt_lib.Checkpointer(str(tmp_path / "checkpoints")).restore_raw(1)
+    for a, b in zip(jax.tree.leaves(start.frozen), jax.tree.leaves(saved["frozen"]), strict=True):
+        np.testing.assert_array_equal(a, b)
+    before = np.concatenate([np.ravel(x) for x in jax.tree.leaves(start.params)])
+    after = np.concatenate([np.ravel(x) for x in jax.tree.leaves(saved["params"])])
+    assert before.shape == after.shape and np.mean(before != after) > 0.4, np.mean(before != after)
 
 
 def test_paper_sweeps_are_expressible_on_conv4():

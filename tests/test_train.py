@@ -318,6 +318,13 @@ def test_supermask_sample_evaluation_runs_and_is_deterministic(tmp_path):
     again = train.train_and_evaluate(c, str(tmp_path / "b"), devices=jax.devices()[:2])
     assert first["eval"]["count"] == 1000 and 0 <= first["eval"]["top1"] <= 1
     np.testing.assert_allclose(first["eval"]["loss"], again["eval"]["loss"], rtol=1e-5)
+    # The same trained state evaluated as a sample is neither its threshold mask nor its
+    # expectation, which a stub for either would be.
+    for other in ("threshold", "expectation"):
+        o = train.train_and_evaluate(grid.with_overrides(c, {"model.supermask_eval": other}),
+                                     str(tmp_path / other), devices=one_device())
+        assert o["state_sha256"] == first["state_sha256"]  # the eval mode does not train
+        assert abs(o["eval"]["loss"] - first["eval"]["loss"]) > 1e-4 * first["eval"]["loss"], other
 
 
 def test_flipped_byte_in_a_checkpoint_is_caught_by_its_checksum(tmp_path):
