@@ -299,3 +299,22 @@ def test_a_group_keeps_each_layers_own_fraction_with_binary_weights(tmp_path):
     for r in results:
         assert np.all(np.isfinite(losses(r)))
         assert [x["kept"] for x in r["layers"]] == expected
+
+
+def test_a_group_logs_each_runs_learning_rate_as_a_single_run_does(group_of_four):
+    """train/learning_rate in each run's TensorBoard events: its own schedule at each step,
+    lr(step - 1) as train.py logs it (runs 0 and 2 have learning rates 0.1 and 0.05)."""
+    from edgepopup_jax.training import optim
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    configs, dirs, results = group_of_four
+    for r in (0, 2):
+        events = event_accumulator.EventAccumulator(dirs[r])
+        events.Reload()
+        logged = [(s.step, s.value) for s in events.Scalars("train/learning_rate")]
+        schedule = optim.learning_rate_schedule(configs[r].optim, results[r]["total_steps"],
+                                                4000 // 64)  # per-step cosine over 12 steps
+        assert [s for s, _ in logged] == list(range(1, 13))
+        np.testing.assert_allclose([v for _, v in logged], [float(schedule(s - 1)) for s, _ in logged],
+                                   rtol=1e-6)
+        assert logged[0][1] == pytest.approx(configs[r].optim.learning_rate, rel=1e-6)
+        assert logged[-1][1] < 0.1 * logged[0][1]  # it decays: the test compares a schedule

@@ -628,6 +628,7 @@ def _train_group(configs, workdirs, devices, cache_dir, stop_after_steps, say) -
                 for r in live():
                     histories[r]["throughput"].append(rate)
             throughput_steps += 1
+            lrs = {r: learning_rate(r, step) for r in live()}
             for r in live():
                 values = {k: float(np.mean([m[k][r] for _, m in got])) for k in ("loss", "accuracy")}
                 if group.schedules[r].active:
@@ -635,11 +636,14 @@ def _train_group(configs, workdirs, devices, cache_dir, stop_after_steps, say) -
                 histories[r]["train"].append({"step": step, **values})
                 writers[r].scalars(step, {"train/loss": values["loss"],
                                           "train/accuracy": values["accuracy"],
+                                          "train/learning_rate": lrs[r],
                                           "train/images_per_sec": rate})
             losses = " ".join(f"{np.mean([m['loss'][r] for _, m in got]):.3f}" for r in live()[:8])
+            lr = " ".join(f"{lrs[r]:.4g}" for r in live()[:8]) if len(set(lrs.values())) > 1 \
+                else f"{next(iter(lrs.values()), 0.0):.4g}"
             say(f"step {step}/{end}: {len(live())} of {group.size} runs training, "
                 f"{rate:.0f} img/s per run ({rate * len(live()):.0f} in all); losses {losses}"
-                f"{' ...' if len(live()) > 8 else ''}")
+                f"{' ...' if len(live()) > 8 else ''}; lr {lr}")
             since = time.time()
         pending = []
 
@@ -654,6 +658,15 @@ def _train_group(configs, workdirs, devices, cache_dir, stop_after_steps, say) -
         if counts_now is None or any(not np.array_equal(new[s], counts_now[s]) for s in new):
             data["counts"] = jax.device_put(new, runs_sh)
             counts_now = new
+
+    lr_schedules = [(optim.learning_rate_schedule(c.optim, group.total_steps, group.steps_per_epoch),
+                     optim.learning_rate_schedule(c.optim, max(group.finetune_steps, 1),
+                                                  group.steps_per_epoch)) for c in configs]
+
+    def learning_rate(r: int, at: int) -> float:
+        """Run r's learning rate in step `at` (fine-tuning restarts the schedule)."""
+        scores, finetuning = lr_schedules[r]
+        return float(scores(at - 1) if at <= phase_end else finetuning(at - 1 - phase_end))
 
     def scheduled_k(r: int) -> float | None:
         return group.keep_fractions(step)[r] if group.schedules[r].active else None
