@@ -54,6 +54,17 @@ def test_a_second_holder_is_refused_naming_the_first_and_a_killed_one_blocks_not
         assert workdir_lock.holds(workdir / "checkpoints")
         assert json.loads((workdir / ".lock.process0").read_text())["pid"] == os.getpid()
     assert not workdir_lock.holds(workdir)
+    assert (workdir / ".lock.process0").exists()  # not created by us: the lock file stays
+
+
+def test_a_refused_run_in_a_new_directory_leaves_nothing(tmp_path):
+    with pytest.raises(ValueError):
+        with workdir_lock.hold(tmp_path / "new" / "run"):
+            raise ValueError("a bad config")
+    assert list(tmp_path.iterdir()) == []
+    with workdir_lock.hold(tmp_path / "kept"):
+        (tmp_path / "kept" / "results.json").write_text("{}")
+    assert sorted(p.name for p in (tmp_path / "kept").iterdir()) == [".lock.process0", "results.json"]
 
 
 def test_hold_takes_all_or_none_and_releases_on_an_error(tmp_path, holder):
@@ -212,5 +223,5 @@ def test_a_group_refuses_when_any_of_its_runs_is_held_and_touches_none(tmp_path,
     with pytest.raises(workdir_lock.WorkdirBusy, match="seed_1 is in use by another training"):
         parallel.train_group(configs, workdirs)
     assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == [
-        "seed_0", "seed_0/.lock.process0", "seed_1", "seed_1/.lock.process0"]  # lock files only
+        "seed_1", "seed_1/.lock.process0"]  # the holder's; seed_0, locked first, left no trace
     assert not any(workdir_lock.holds(w) for w in workdirs)

@@ -28,7 +28,9 @@ from absl import logging
 
 BUSY_EXIT = 75  # EX_TEMPFAIL: main.py's exit code for a workdir in use
 
-_held: dict[str, int] = {}  # the workdirs this process holds -> the lock file's descriptor
+# the workdirs this process holds -> (the lock file's descriptor, its path, the topmost
+# directory that acquire created for it, or None)
+_held: dict[str, tuple[int, str, str | None]] = {}
 
 
 class WorkdirBusy(Exception):
@@ -73,8 +75,9 @@ def acquire(workdir: str) -> None:
     key, index = _key(str(workdir)), jax.process_index()
     if key in _held:
         raise WorkdirBusy(f"{key} is already being trained by this process: one job per workdir")
-    path = None
+    path = created = None
     if "://" not in key:
+        created = _topmost_missing(key)
         os.makedirs(key, exist_ok=True)
         path = os.path.join(key, f".lock.process{index}")
     try:
@@ -85,6 +88,8 @@ def acquire(workdir: str) -> None:
         if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
             raise
         fd, why = None, f"its filesystem gives no lock ({os.strerror(e.errno)})"
+        _remove_if_unused(path, created)
+        created = None
     else:
         why = "it is not on a local or NFS filesystem"
     if fd is None:
@@ -102,7 +107,35 @@ def acquire(workdir: str) -> None:
                               for i, a in enumerate(sys.argv))[:200]}
     os.ftruncate(fd, 0)
     os.pwrite(fd, json.dumps(me).encode(), 0)
-    _held[key] = fd
+    _held[key] = (fd, path, created)
+
+
+def _topmost_missing(directory: str) -> str | None:
+    """The highest of directory and its parents that does not exist yet (None: it exists)."""
+    missing = None
+    while not os.path.exists(directory):
+        missing, directory = directory, os.path.dirname(directory)
+    return missing
+
+
+def _remove_if_unused(lock_path: str, created: str | None) -> None:
+    """Removes the lock file and the directories acquire made for it, where nothing else was
+    written there: a run refused for its config leaves no trace. (Only in a directory this
+    process created, so no other job can be waiting on that lock file.)"""
+    if created is None:
+        return
+    directory = os.path.dirname(lock_path)
+    if os.listdir(directory) != [os.path.basename(lock_path)]:
+        return
+    os.unlink(lock_path)
+    while True:
+        try:
+            os.rmdir(directory)
+        except OSError:
+            return
+        if directory == created:
+            return
+        directory = os.path.dirname(directory)
 
 
 def _busy_message(workdir: str, holder: str) -> str:
@@ -111,8 +144,10 @@ def _busy_message(workdir: str, holder: str) -> str:
 
 
 def release(workdir: str) -> None:
-    fd = _held.pop(_key(str(workdir)), None)
-    if fd is not None:
+    held = _held.pop(_key(str(workdir)), None)
+    if held is not None:
+        fd, path, created = held
+        _remove_if_unused(path, created)
         os.close(fd)  # closing the last descriptor drops the flock
 
 
