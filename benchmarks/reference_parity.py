@@ -323,8 +323,11 @@ def compare(step, loss_ref, loss_ours, masks_ref, masks_ours, ref_state, ours_st
     for path, leaves in ref_state["params"].items():
         m_ref = masks_ref["params"][path]["scores"] != 0
         m_ours = masks_ours[path]["scores"]
+        s_ours, s_ref = ours_state["params"][path]["scores"], leaves["scores"]
         layers[path] = dict(mask_agree=float(np.mean(m_ref == m_ours)),
-                            score_diff=_rel(ours_state["params"][path]["scores"], leaves["scores"]))
+                            mask_differ=int(np.sum(m_ref != m_ours)),
+                            score_diff=_rel(s_ours, s_ref),
+                            score_rms=float(np.linalg.norm(s_ours - s_ref) / np.linalg.norm(s_ref)))
     bn = {path: max(_rel(ours_state["batch_stats"][path][k], v[k]) for k in v)
           for path, v in ref_state.get("batch_stats", {}).items()}
     rel = abs(loss_ours - loss_ref) / max(abs(loss_ref), 1e-12)
@@ -332,20 +335,19 @@ def compare(step, loss_ref, loss_ours, masks_ref, masks_ours, ref_state, ours_st
 
 
 def violations(rec) -> list[str]:
-    """What in a step's record breaks the agreement criterion (model order: layers, then BN)."""
-    out = []
+    """What in a step's record breaks the agreement criterion, most telling first: masks (the
+    step's forward), BatchNorm statistics (its forward), scores (its update), each in model
+    order, then the loss."""
     strict = rec["step"] < STRICT_STEPS
-    if strict and not rec["loss_rel"] <= LOSS_RTOL:
-        out.append(f"loss (rel diff {rec['loss_rel']:.2e} > {LOSS_RTOL:g})")
-    for path, v in rec["layers"].items():
-        if not v["mask_agree"] >= MASK_AGREE:
-            out.append(f"{path} mask ({v['mask_agree']:.5f} of entries agree < {MASK_AGREE})")
-        if strict and not v["score_diff"] <= SCORE_TOL:
-            out.append(f"{path} scores (max rel diff {v['score_diff']:.2e} > {SCORE_TOL:g})")
-    for path, d in rec["bn"].items():
-        if strict and not d <= BN_TOL:
-            out.append(f"{path} BN running stats (max rel diff {d:.2e} > {BN_TOL:g})")
-    return out
+    masks = [f"{p}: mask ({v['mask_agree']:.5f} of entries agree < {MASK_AGREE})"
+             for p, v in rec["layers"].items() if not v["mask_agree"] >= MASK_AGREE]
+    bn = [f"{p}: BN running stats (max rel diff {d:.2e} > {BN_TOL:g})"
+          for p, d in rec["bn"].items() if strict and not d <= BN_TOL]
+    scores = [f"{p}: scores (max rel diff {v['score_diff']:.2e} > {SCORE_TOL:g})"
+              for p, v in rec["layers"].items() if strict and not v["score_diff"] <= SCORE_TOL]
+    loss = ([f"loss (rel diff {rec['loss_rel']:.2e} > {LOSS_RTOL:g})"]
+            if strict and not rec["loss_rel"] <= LOSS_RTOL else [])
+    return masks + bn + scores + loss
 
 
 def batches(case: Case, steps_per_epoch: int, num_classes: int, seed: int, cifar10: str | None):
@@ -417,7 +419,7 @@ def run(ref: TorchSide, make_ours, data, steps: int, steps_per_epoch: int, *, lo
         bad = violations(rec)
         if bad and parted is None:
             parted = (step, bad[0])
-            log(f"      the runs part at step {step}: {'; '.join(bad[:3])}"
+            log(f"      the runs part at step {step}, first at {'; '.join(bad[:3])}"
                 + (f" (+{len(bad) - 3} more)" if len(bad) > 3 else ""))
             if stop_at_parting:
                 break
@@ -441,6 +443,15 @@ def _final_masks(ours):
 
     masks = selection.with_masks({"params": ours.params}, ours.model)[selection.MASKS]
     return {p: v["scores"] != 0 for p, v in _by_layer({"m": masks})["m"].items()}
+
+
+def summary_line(result: Result) -> str:
+    lossd = max(r["loss_rel"] for r in result.records)
+    agree = min((v["mask_agree"] for v in result.final.values()), default=float("nan"))
+    sd = max((v["score_diff"] for v in result.final.values()), default=float("nan"))
+    verdict = "agree" if result.agrees else f"part at step {result.parted[0]}, {result.parted[1]}"
+    return (f"{len(result.records)} | {lossd:.1e} | {agree:.6f} | {sd:.1e} | {result.sec_ref:.3f} | "
+            f"{result.sec_ours:.3f} | {verdict}")
 
 
 def print_final(result: Result, log=print):
@@ -468,6 +479,8 @@ def main(argv=None) -> int:
     ap.add_argument("--plants", action="store_true",
                     help="also run each planted difference on the first case; each must be caught")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--torch_threads", type=int, default=0, help="torch's threads (0: its default)")
+    ap.add_argument("--json", default=None, help="write every step's record here")
     ap.add_argument("--list", action="store_true", help="list the cases and exit")
     args = ap.parse_args(argv)
     if args.list:
@@ -484,6 +497,8 @@ def main(argv=None) -> int:
     import jax
 
     torch.manual_seed(args.seed)
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
     ref_main = load_reference(args.reference_src)
     summary, ok = [], True
     for i, name in enumerate(names):
@@ -504,20 +519,21 @@ def main(argv=None) -> int:
             res = run(ref, make_ours, data, steps, spe, stop_at_parting=plant is not None)
             if plant is None:
                 print_final(res)
-            verdict = ("agree" if res.agrees else f"part at step {res.parted[0]}: {res.parted[1]}")
             caught = plant is not None and not res.agrees
             ok &= res.agrees if plant is None else caught
-            summary.append((title, steps, res, verdict))
+            summary.append((title, res))
     print(f"\n== summary ({jax.devices()[0].platform}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} torch threads)")
     print("| case | steps | max loss rel diff | min mask agree (end) | max score rel diff (end) | s/step ref | s/step ours | verdict |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-    for title, steps, res, verdict in summary:
-        lossd = max(r["loss_rel"] for r in res.records)
-        agree = min((v["mask_agree"] for v in res.final.values()), default=float("nan"))
-        sd = max((v["score_diff"] for v in res.final.values()), default=float("nan"))
-        print(f"| {title} | {len(res.records)} | {lossd:.1e} | {agree:.6f} | {sd:.1e} | "
-              f"{res.sec_ref:.3f} | {res.sec_ours:.3f} | {verdict} |")
+    for title, res in summary:
+        print(f"| {title} | {summary_line(res)} |")
+    if args.json:
+        import json
+
+        with open(args.json, "w") as f:
+            json.dump([dict(case=t, records=r.records, final=r.final, parted=r.parted,
+                            sec_ref=r.sec_ref, sec_ours=r.sec_ours) for t, r in summary], f)
     print("agreement" if ok else "NO AGREEMENT (or a plant not caught)")
     return 0 if ok else 1
 
