@@ -129,6 +129,31 @@ class TorchSide:
         return _by_layer(variables)
 
 
+class TorchTwin:
+    """The reference against itself (--baseline): a second reference, its scores moved by one
+    float32 ulp, trained in our place and seen through our layout. How far float32 noise alone
+    carries two runs of the same code apart."""
+
+    def __init__(self, side: TorchSide, steps_per_epoch: int):
+        import torch
+
+        self.side, self.steps_per_epoch, self.steps_done = side, steps_per_epoch, 0
+        with torch.no_grad():
+            for m in side.masked.values():
+                m.scores.copy_(torch.from_numpy(np.nextafter(m.scores.numpy(), np.float32(np.inf))))
+
+    def step(self, x, y):
+        masks = self.side.as_ours(self.side.state(), self.side.masks())["params"]
+        loss, sec = self.side.step(np.ascontiguousarray(x.transpose(0, 3, 1, 2)), y,
+                                   self.steps_done // self.steps_per_epoch)
+        self.steps_done += 1
+        return loss, {p: {"scores": v["scores"] != 0} for p, v in masks.items()}, sec
+
+    def state(self):
+        state = self.side.as_ours(self.side.state())
+        return {"params": state["params"], "batch_stats": state.get("batch_stats", {})}
+
+
 def _by_layer(variables) -> dict:
     """{collection: {"/"-joined layer path: {leaf: array}}}."""
     import flax
@@ -316,18 +341,22 @@ def _rel(a, b):
     return diff / scale if scale else diff
 
 
-def compare(step, loss_ref, loss_ours, masks_ref, masks_ours, ref_state, ours_state):
-    """One step's record: losses, per layer mask agreement and score difference, per BN the
-    statistics' difference (layers named by our path)."""
+def compare(step, loss_ref, loss_ours, masks_ref, masks_ours, ref_state, ours_state, ref_before,
+            ours_before):
+    """One step's record: losses; per layer the masks' agreement, the scores' difference after
+    the update and the update's own (rms) difference; per BN the statistics' difference (layers
+    named by our path). *_before: the scores before the step."""
     layers = {}
     for path, leaves in ref_state["params"].items():
         m_ref = masks_ref["params"][path]["scores"] != 0
         m_ours = masks_ours[path]["scores"]
         s_ours, s_ref = ours_state["params"][path]["scores"], leaves["scores"]
+        u_ours = s_ours - ours_before["params"][path]["scores"]
+        u_ref = s_ref - ref_before["params"][path]["scores"]
         layers[path] = dict(mask_agree=float(np.mean(m_ref == m_ours)),
                             mask_differ=int(np.sum(m_ref != m_ours)),
                             score_diff=_rel(s_ours, s_ref),
-                            score_rms=float(np.linalg.norm(s_ours - s_ref) / np.linalg.norm(s_ref)))
+                            update_diff=float(np.linalg.norm(u_ours - u_ref) / max(np.linalg.norm(u_ref), 1e-30)))
     bn = {path: max(_rel(ours_state["batch_stats"][path][k], v[k]) for k in v)
           for path, v in ref_state.get("batch_stats", {}).items()}
     rel = abs(loss_ours - loss_ref) / max(abs(loss_ref), 1e-12)
@@ -386,7 +415,7 @@ def _cifar10(path: str, n: int, rng):
 @dataclasses.dataclass
 class Result:
     records: list
-    final: dict           # per layer at the end: mask agreement, score difference
+    final: dict           # per layer at the last step: mask agreement, score difference
     parted: tuple | None  # (step, what) of the first violation, None if none
     sec_ref: float        # median seconds per step
     sec_ours: float
@@ -402,7 +431,9 @@ def run(ref: TorchSide, make_ours, data, steps: int, steps_per_epoch: int, *, lo
     every step. make_ours(reference state) -> JaxSide (built from the reference's initial state)."""
     ours = make_ours(ref.state())
     records, t_ref, t_ours, parted = [], [], [], None
-    log(f"{'step':>5} {'loss ref':>10} {'loss ours':>10} {'rel diff':>9}  min mask agree  max score diff")
+    log(f"{'step':>5} {'loss ref':>10} {'loss ours':>10} {'rel diff':>9}  min mask agree  "
+        "max score diff  max update diff")
+    ref_before, ours_before = ref.as_ours(ref.state()), ours.state()
     for step in range(steps):
         x, y = data[step % steps_per_epoch]
         masks_ref = ref.as_ours(ref.state(), ref.masks())
@@ -410,12 +441,16 @@ def run(ref: TorchSide, make_ours, data, steps: int, steps_per_epoch: int, *, lo
         t_ref.append(sec)
         loss_ours, masks_ours, sec = ours.step(np.ascontiguousarray(x.transpose(0, 2, 3, 1)), y)
         t_ours.append(sec)
-        rec = compare(step, loss_ref, loss_ours, masks_ref, masks_ours, ref.as_ours(ref.state()),
-                      ours.state())
+        ref_after, ours_after = ref.as_ours(ref.state()), ours.state()
+        rec = compare(step, loss_ref, loss_ours, masks_ref, masks_ours, ref_after, ours_after,
+                      ref_before, ours_before)
+        ref_before, ours_before = ref_after, ours_after
         records.append(rec)
         agree = min(v["mask_agree"] for v in rec["layers"].values())
         diff = max(v["score_diff"] for v in rec["layers"].values())
-        log(f"{step:5d} {loss_ref:10.6f} {loss_ours:10.6f} {rec['loss_rel']:9.2e}  {agree:14.6f}  {diff:14.2e}")
+        udiff = max(v["update_diff"] for v in rec["layers"].values())
+        log(f"{step:5d} {loss_ref:10.6f} {loss_ours:10.6f} {rec['loss_rel']:9.2e}  {agree:14.6f}  "
+            f"{diff:14.2e}  {udiff:15.2e}")
         bad = violations(rec)
         if bad and parted is None:
             parted = (step, bad[0])
@@ -423,26 +458,9 @@ def run(ref: TorchSide, make_ours, data, steps: int, steps_per_epoch: int, *, lo
                 + (f" (+{len(bad) - 3} more)" if len(bad) > 3 else ""))
             if stop_at_parting:
                 break
-    final = {}
-    if parted is None or not stop_at_parting:
-        ref_final = ref.as_ours(ref.state(), ref.masks())
-        ours_masks = _final_masks(ours)
-        for path in ref_final["params"]:
-            m_ref = ref_final["params"][path]["scores"] != 0
-            final[path] = dict(mask_agree=float(np.mean(m_ref == ours_masks[path])),
-                               score_diff=records[-1]["layers"][path]["score_diff"])
-        bad = [p for p, v in final.items() if not v["mask_agree"] >= MASK_AGREE]
-        if bad and parted is None:
-            parted = (steps, f"{bad[0]} final mask ({final[bad[0]]['mask_agree']:.5f} agree)")
+    final = records[-1]["layers"]  # the masks of the last step's forward, the scores after it
     med = lambda t: float(np.median(t[1:] if len(t) > 1 else t))  # noqa: E731 - the first compiles
     return Result(records, final, parted, med(t_ref), med(t_ours))
-
-
-def _final_masks(ours):
-    from edgepopup_jax.core import selection
-
-    masks = selection.with_masks({"params": ours.params}, ours.model)[selection.MASKS]
-    return {p: v["scores"] != 0 for p, v in _by_layer({"m": masks})["m"].items()}
 
 
 def summary_line(result: Result) -> str:
@@ -481,6 +499,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--torch_threads", type=int, default=0, help="torch's threads (0: its default)")
     ap.add_argument("--json", default=None, help="write every step's record here")
+    ap.add_argument("--baseline", action="store_true",
+                    help="instead of ours, train a second reference with its scores moved by 1 ulp")
     ap.add_argument("--list", action="store_true", help="list the cases and exit")
     args = ap.parse_args(argv)
     if args.list:
@@ -513,27 +533,32 @@ def main(argv=None) -> int:
             data = batches(case, spe, num_classes, args.seed, args.cifar10)
             title = f"{name}" + (f" + plant {plant} ({PLANTS[plant]})" if plant else "")
             print(f"\n== {title}: {steps} steps, batch {case.batch}, {spe} steps/epoch, {hyper}")
-            make_ours = lambda state: JaxSide(  # noqa: E731
-                state, arch=case.arch, keep_fraction=case.keep_fraction, hyper=hyper, steps=epochs * spe,
-                steps_per_epoch=spe, num_classes=num_classes, plant=plant)
+            if args.baseline:
+                twin = reference_side(ref_main, args.reference_src, case, epochs=epochs, seed=args.seed)
+                make_ours = lambda state: TorchTwin(twin, spe)  # noqa: E731
+                title += " (baseline: the reference against itself, scores +1 ulp)"
+            else:
+                make_ours = lambda state: JaxSide(  # noqa: E731
+                    state, arch=case.arch, keep_fraction=case.keep_fraction, hyper=hyper,
+                    steps=epochs * spe, steps_per_epoch=spe, num_classes=num_classes, plant=plant)
             res = run(ref, make_ours, data, steps, spe, stop_at_parting=plant is not None)
             if plant is None:
                 print_final(res)
             caught = plant is not None and not res.agrees
             ok &= res.agrees if plant is None else caught
             summary.append((title, res))
+            if args.json:
+                import json
+
+                with open(args.json, "w") as f:
+                    json.dump([dict(case=t, records=r.records, final=r.final, parted=r.parted,
+                                    sec_ref=r.sec_ref, sec_ours=r.sec_ours) for t, r in summary], f)
     print(f"\n== summary ({jax.devices()[0].platform}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} torch threads)")
     print("| case | steps | max loss rel diff | min mask agree (end) | max score rel diff (end) | s/step ref | s/step ours | verdict |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for title, res in summary:
         print(f"| {title} | {summary_line(res)} |")
-    if args.json:
-        import json
-
-        with open(args.json, "w") as f:
-            json.dump([dict(case=t, records=r.records, final=r.final, parted=r.parted,
-                            sec_ref=r.sec_ref, sec_ours=r.sec_ours) for t, r in summary], f)
     print("agreement" if ok else "NO AGREEMENT (or a plant not caught)")
     return 0 if ok else 1
 

@@ -451,6 +451,15 @@ def _cosine_lr(optimizer, lr, epochs):
     return policy
 
 
+@pytest.fixture
+def one_torch_thread():
+    """torch's intra-op threads spin against JAX's (and other processes') on a small CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _train(monkeypatch, arch, plant=None):
     """Conv4 (width 0.25, signed constant) or cResNet18 (width 0.125, kaiming normal, BN in
     train mode) from this file's re-creation, trained STEPS steps with the reference's recipe
@@ -488,7 +497,7 @@ def _train(monkeypatch, arch, plant=None):
 
 
 @pytest.mark.parametrize("arch", ["Conv4", "cResNet18"])
-def test_training_matches_reference_step_by_step(monkeypatch, arch):
+def test_training_matches_reference_step_by_step(monkeypatch, one_torch_thread, arch):
     res = _train(monkeypatch, arch)
     print(rp.summary_line(res))
     assert res.agrees, res.parted
@@ -499,7 +508,7 @@ def test_training_matches_reference_step_by_step(monkeypatch, arch):
 
 @pytest.mark.parametrize("arch, plant", [("Conv4", p) for p in rp.PLANTS if p != "bn_eval"]
                          + [("cResNet18", p) for p in rp.PLANTS])
-def test_planted_difference_is_caught(monkeypatch, arch, plant):
+def test_planted_difference_is_caught(monkeypatch, one_torch_thread, arch, plant):
     res = _train(monkeypatch, arch, plant)
     print(plant, res.parted)
     assert not res.agrees
