@@ -42,12 +42,18 @@ import types
 import numpy as np
 
 # ----------------------------------------------------------------------------- the criterion
-# Measured (docs/results/reference_parity.md): ... see AGREEMENT below.
-LOSS_RTOL = 1e-4      # |loss_ours - loss_ref| / |loss_ref|, every step of the first STRICT_STEPS
-SCORE_TOL = 1e-4      # max |S_ours - S_ref| / max |S_ref| per layer, every step of the first STRICT_STEPS
-BN_TOL = 1e-4         # max |stat_ours - stat_ref| / max |stat_ref| per BatchNorm statistic, same steps
-STRICT_STEPS = 30     # the steps held to the tolerances above
-MASK_AGREE = 0.999    # fraction of equal mask entries per layer, every step and at the end
+# From measurement (docs/results/reference_parity.md): two runs of the reference's own code whose
+# weights differ by one float32 ulp (--baseline) follow each other to ~1e-5 in the scores'
+# updates for a few steps, then part more and more as float32 noise flips a ReLU, a max-pool or
+# a top-k threshold somewhere (updates ~1e-4 apart after ~5 steps, ~1e-3 after ~12; masks 99.x%
+# equal after 50-100). Ours against the reference parts the same way, no faster. So: exact
+# where the code must be exact, the baseline's envelope where noise is free to act.
+STRICT_STEPS = 5      # the steps before float32 noise has acted
+FIRST_LOSS_RTOL = 1e-5  # |loss_ours - loss_ref| / |loss_ref| while step < STRICT_STEPS (seen: 1e-7)
+UPDATE_TOL = 1e-3     # per layer ||dS_ours - dS_ref|| / ||dS_ref|| of the step's score update, same steps
+BN_TOL = 1e-4         # per BatchNorm max |stat_ours - stat_ref| / max |stat_ref|, same steps
+LOSS_RTOL = 1e-2      # loss rel diff, every step
+MASK_AGREE = 0.98     # fraction of equal mask entries per layer, every step (step 0: all equal)
 
 PLANTS = {
     "no_score_decay": "no weight decay on the scores",
@@ -130,9 +136,10 @@ class TorchSide:
 
 
 class TorchTwin:
-    """The reference against itself (--baseline): a second reference, its scores moved by one
-    float32 ulp, trained in our place and seen through our layout. How far float32 noise alone
-    carries two runs of the same code apart."""
+    """The reference against itself (--baseline): a second reference, its frozen weights moved
+    by one float32 ulp (rounding-sized noise in the forward, as another order of float32 sums
+    gives; the scores act only through their ranking), trained in our place and seen through our
+    layout. How far float32 noise alone carries two runs of the same code apart."""
 
     def __init__(self, side: TorchSide, steps_per_epoch: int):
         import torch
@@ -140,7 +147,8 @@ class TorchTwin:
         self.side, self.steps_per_epoch, self.steps_done = side, steps_per_epoch, 0
         with torch.no_grad():
             for m in side.masked.values():
-                m.scores.copy_(torch.from_numpy(np.nextafter(m.scores.numpy(), np.float32(np.inf))))
+                w = m.weight.detach().numpy()
+                m.weight.copy_(torch.from_numpy(np.nextafter(w, np.float32(np.inf) * np.sign(w))))
 
     def step(self, x, y):
         masks = self.side.as_ours(self.side.state(), self.side.masks())["params"]
@@ -365,18 +373,19 @@ def compare(step, loss_ref, loss_ours, masks_ref, masks_ours, ref_state, ours_st
 
 def violations(rec) -> list[str]:
     """What in a step's record breaks the agreement criterion, most telling first: masks (the
-    step's forward), BatchNorm statistics (its forward), scores (its update), each in model
-    order, then the loss."""
-    strict = rec["step"] < STRICT_STEPS
-    masks = [f"{p}: mask ({v['mask_agree']:.5f} of entries agree < {MASK_AGREE})"
-             for p, v in rec["layers"].items() if not v["mask_agree"] >= MASK_AGREE]
+    step's forward), BatchNorm statistics (its forward), score updates, each in model order,
+    then the loss."""
+    step, strict = rec["step"], rec["step"] < STRICT_STEPS
+    masks = [f"{p}: mask ({v['mask_differ']} entries differ, {v['mask_agree']:.5f} agree)"
+             for p, v in rec["layers"].items()
+             if (v["mask_differ"] if step == 0 else not v["mask_agree"] >= MASK_AGREE)]
     bn = [f"{p}: BN running stats (max rel diff {d:.2e} > {BN_TOL:g})"
           for p, d in rec["bn"].items() if strict and not d <= BN_TOL]
-    scores = [f"{p}: scores (max rel diff {v['score_diff']:.2e} > {SCORE_TOL:g})"
-              for p, v in rec["layers"].items() if strict and not v["score_diff"] <= SCORE_TOL]
-    loss = ([f"loss (rel diff {rec['loss_rel']:.2e} > {LOSS_RTOL:g})"]
-            if strict and not rec["loss_rel"] <= LOSS_RTOL else [])
-    return masks + bn + scores + loss
+    updates = [f"{p}: score update (rel diff {v['update_diff']:.2e} > {UPDATE_TOL:g})"
+               for p, v in rec["layers"].items() if strict and not v["update_diff"] <= UPDATE_TOL]
+    tol = FIRST_LOSS_RTOL if strict else LOSS_RTOL
+    loss = [f"loss (rel diff {rec['loss_rel']:.2e} > {tol:g})"] if not rec["loss_rel"] <= tol else []
+    return masks + bn + updates + loss
 
 
 def batches(case: Case, steps_per_epoch: int, num_classes: int, seed: int, cifar10: str | None):
@@ -500,7 +509,7 @@ def main(argv=None) -> int:
     ap.add_argument("--torch_threads", type=int, default=0, help="torch's threads (0: its default)")
     ap.add_argument("--json", default=None, help="write every step's record here")
     ap.add_argument("--baseline", action="store_true",
-                    help="instead of ours, train a second reference with its scores moved by 1 ulp")
+                    help="instead of ours, train a second reference with its weights moved by 1 ulp")
     ap.add_argument("--list", action="store_true", help="list the cases and exit")
     args = ap.parse_args(argv)
     if args.list:
@@ -536,7 +545,7 @@ def main(argv=None) -> int:
             if args.baseline:
                 twin = reference_side(ref_main, args.reference_src, case, epochs=epochs, seed=args.seed)
                 make_ours = lambda state: TorchTwin(twin, spe)  # noqa: E731
-                title += " (baseline: the reference against itself, scores +1 ulp)"
+                title += " (baseline: the reference against itself, weights +1 ulp)"
             else:
                 make_ours = lambda state: JaxSide(  # noqa: E731
                     state, arch=case.arch, keep_fraction=case.keep_fraction, hyper=hyper,

@@ -499,16 +499,27 @@ def _train(monkeypatch, arch, plant=None):
 @pytest.mark.parametrize("arch", ["Conv4", "cResNet18"])
 def test_training_matches_reference_step_by_step(monkeypatch, one_torch_thread, arch):
     res = _train(monkeypatch, arch)
-    print(rp.summary_line(res))
     assert res.agrees, res.parted
     assert len(res.records) == STEPS
     assert res.records[0]["loss_rel"] < 1e-5
     assert all(v["mask_agree"] == 1.0 for v in res.records[0]["layers"].values())
 
 
+PARTING = {  # plant: the step and our layer where the runs part (the first layer of each model)
+    "no_score_decay": (0, "{first}: score update"),
+    "signed_scores": (0, "{first}: mask"),
+    "lr_per_step": (1, "{first}: score update"),  # the lr of epoch 0 holds for step 0 either way
+    "bn_eval": (0, "stem_bn: BN running stats"),
+    "count_rounding": (0, "{first}: mask"),  # conv0: 432 weights, k * n = 129.6, 130 kept vs 129
+}
+
+
 @pytest.mark.parametrize("arch, plant", [("Conv4", p) for p in rp.PLANTS if p != "bn_eval"]
                          + [("cResNet18", p) for p in rp.PLANTS])
 def test_planted_difference_is_caught(monkeypatch, one_torch_thread, arch, plant):
+    """Each planted difference in our step makes the check fail, naming the step and layer."""
     res = _train(monkeypatch, arch, plant)
-    print(plant, res.parted)
     assert not res.agrees
+    step, where = PARTING[plant]
+    assert res.parted[0] == step, res.parted
+    assert res.parted[1].startswith(where.format(first="conv0" if arch == "Conv4" else "stem_conv")), res.parted
