@@ -561,6 +561,7 @@ def main(argv=None) -> int:
     ap.add_argument("--plants", action="store_true",
                     help="also run the planted differences (on the first Conv case; bn_eval on the "
                     "first ResNet case); each must be caught")
+    ap.add_argument("--only_plants", action="store_true", help="with --plants: skip the plain runs")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--torch_threads", type=int, default=0, help="torch's threads (0: its default)")
     ap.add_argument("--json", default=None, help="write every step's record here")
@@ -605,7 +606,7 @@ def main(argv=None) -> int:
             plants = [p for p in PLANTS if p != "bn_eval"]  # no BatchNorm in the Conv nets
         if args.plants and name == first_resnet:
             plants = ["bn_eval"]
-        for plant in [None] + plants:
+        for plant in ([] if args.only_plants else [None]) + plants:
             case = CASES[name]
             steps = args.steps or case.steps
             spe = max(1, steps // 10)
