@@ -2,7 +2,8 @@
 
     PYTHONPATH=. python benchmarks/reference_parity.py --reference_src=/tmp/hidden-networks \\
         [--cases all|conv4_sc_k0.5,...] [--steps N] [--cifar10 ../shared/data/cifar10_png.zip] \\
-        [--plants] [--list]
+        [--plants [--only_plants]] [--baseline] [--torch_threads 1] [--json F] [--list]
+    python benchmarks/reference_parity.py --table F.json ...   # the summary of saved runs
 
 For each case the reference's model is built by the reference's own code, from DIR: its args.py
 parses the YAML config it ships plus --prune-rate / --epochs / --batch-size / --seed (set through
@@ -22,8 +23,10 @@ first CIFAR-10 training images of a seeded permutation, normalised with the refe
 mean/std (no augmentation: both must see the same pixels).
 
 Every step compares: the two losses; per masked layer the masks used in that step's forward
-(the reference's own GetSubnet) and the scores after the update; per BatchNorm the running
-statistics. --plants reruns the first Conv case once per planted difference (PLANTS, in our step
+(the reference's own GetSubnet), the scores after the update and the update itself; per
+BatchNorm the running statistics. The twin (--baseline; always for the ResNets) is a second
+reference, weights moved by one ulp, trained alongside: how far rounding noise alone carries the
+reference from itself, the envelope of the criterion (below). --plants reruns the first Conv case once per planted difference (PLANTS, in our step
 only; bn_eval on the first ResNet case) and checks that each is caught, naming the first step
 and layer where the runs part.
 Exit status 0: every case agrees (and with --plants, every plant is caught); 1 otherwise.
@@ -34,7 +37,6 @@ import argparse
 import contextlib
 import dataclasses
 import io
-import math
 import os
 import sys
 import time
