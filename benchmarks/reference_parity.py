@@ -155,7 +155,8 @@ class TorchTwin:
         with torch.no_grad():
             for m in side.masked.values():
                 w = m.weight.detach().numpy()
-                m.weight.copy_(torch.from_numpy(np.nextafter(w, np.float32(np.inf) * np.sign(w))))
+                away = np.where(w < 0, np.float32(-np.inf), np.float32(np.inf))  # |w| one ulp up
+                m.weight.copy_(torch.from_numpy(np.nextafter(w, away)))
 
     def step(self, x, y):
         masks = self.side.as_ours(self.side.state(), self.side.masks())["params"]
