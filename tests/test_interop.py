@@ -505,8 +505,8 @@ def test_training_matches_reference_step_by_step(monkeypatch, one_torch_thread, 
     assert all(v["mask_agree"] == 1.0 for v in res.records[0]["layers"].values())
 
 
-PARTING = {  # plant: the step and our layer where the runs part (the first layer of each model)
-    "no_score_decay": (0, "{first}: score update"),
+PARTING = {  # plant: the step and our layer where the runs part ({first}: the model's first layer)
+    "no_score_decay": (0, "{decayed}: score update"),  # where decay weighs most against the gradient
     "signed_scores": (0, "{first}: mask"),
     "lr_per_step": (2, "{first}: score update"),  # lr 1.1% lower at step 2 (step 0: equal)
     "bn_eval": (0, "stem_bn: BN running stats"),
@@ -522,4 +522,5 @@ def test_planted_difference_is_caught(monkeypatch, one_torch_thread, arch, plant
     assert not res.agrees
     step, where = PARTING[plant]
     assert res.parted[0] == step, res.parted
-    assert res.parted[1].startswith(where.format(first="conv0" if arch == "Conv4" else "stem_conv")), res.parted
+    first, decayed = ("conv0", "conv0") if arch == "Conv4" else ("stem_conv", "stage0_block0/conv1")
+    assert res.parted[1].startswith(where.format(first=first, decayed=decayed)), res.parted
