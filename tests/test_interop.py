@@ -1,4 +1,10 @@
-"""Importing the PyTorch reference's checkpoints: same logits, same masks."""
+"""Importing the PyTorch reference's checkpoints: same logits, same masks; and training from
+an imported state: the same losses, masks and scores step by step (benchmarks/reference_parity.py
+against this file's re-creation of the reference), planted differences caught."""
+import importlib.util
+import sys
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,6 +31,10 @@ class GetSubnet(torch.autograd.Function):
         j = int((1 - k) * scores.numel())
         out.view(-1)[idx[j:]] = 1
         return out
+
+    @staticmethod
+    def backward(ctx, g):  # straight through, as the reference's
+        return g, None
 
 
 class RefSubnetConv(nn.Conv2d):
@@ -84,20 +94,21 @@ class RefBasicBlock(nn.Module):
 
 
 class RefCResNet18(nn.Module):
-    """The reference's cResNet18 (resnet_cifar.py layout and names), eval mode."""
+    """The reference's cResNet18 (resnet_cifar.py layout and names), channels scaled by width."""
 
-    def __init__(self):
+    def __init__(self, width=1.0):
         super().__init__()
-        self.conv1 = RefSubnetConv(3, 64, 3, padding=1)
-        self.bn1 = nonaffine_bn(64)
-        cin = 64
-        for i, planes in enumerate((64, 128, 256, 512)):
+        s = lambda n: int(n * width)  # noqa: E731
+        self.conv1 = RefSubnetConv(3, s(64), 3, padding=1)
+        self.bn1 = nonaffine_bn(s(64))
+        cin = s(64)
+        for i, planes in enumerate(s(p) for p in (64, 128, 256, 512)):
             blocks = []
             for j in range(2):
                 blocks.append(RefBasicBlock(cin, planes, 2 if i > 0 and j == 0 else 1))
                 cin = planes
             setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
-        self.fc = RefSubnetConv(512, 10, 1)
+        self.fc = RefSubnetConv(cin, 10, 1)
 
     def forward(self, x):
         out = F.relu(self.bn1(self.conv1(x)))
@@ -413,3 +424,103 @@ def test_bottleneck_resnet_import_maps_every_position(monkeypatch, arch, base_wi
     got = jax.jit(get_model(name, **options).apply)({**variables, selection.MASKS: folded},
                                                      jnp.asarray(x.numpy().transpose(0, 2, 3, 1)))
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- training, step by step
+
+
+def _load_parity():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "reference_parity.py"
+    spec = importlib.util.spec_from_file_location("reference_parity", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+rp = _load_parity()
+STEPS, STEPS_PER_EPOCH = 30, 3  # 10 epochs: the per-epoch cosine reaches 0 at the end
+
+
+def _cosine_lr(optimizer, lr, epochs):
+    """The reference's utils/schedulers.py cosine_lr (no warm-up), re-created: the lr of an
+    epoch, set at its start."""
+    def policy(epoch):
+        for group in optimizer.param_groups:
+            group["lr"] = 0.5 * (1 + np.cos(np.pi * epoch / epochs)) * lr
+    return policy
+
+
+@pytest.fixture
+def one_torch_thread():
+    """torch's intra-op threads spin against JAX's (and other processes') on a small CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _train(monkeypatch, arch, plant=None):
+    """Conv4 (width 0.25, signed constant) or cResNet18 (width 0.125, kaiming normal, BN in
+    train mode) from this file's re-creation, trained STEPS steps with the reference's recipe
+    (SGD lr 0.1, momentum 0.9, decay on the scores: 1e-4, ResNet 5e-4) and ours from its
+    initial state, in lockstep."""
+    torch.manual_seed(5)
+    if arch == "Conv4":
+        model = RefConvNet((64, 64, "M", 128, 128, "M"), (256, 256), width=0.25)
+        ref_arch, width, decay, side = "Conv4Wide", 0.25, 1e-4, 32
+    else:
+        model = RefCResNet18(width=0.125)
+        for m in model.modules():  # the reference's BN starts at mean 0, var 1
+            if isinstance(m, nn.BatchNorm2d):
+                m.reset_running_stats()
+        name, fixed = hn.ARCHS["cResNet18"]
+        monkeypatch.setitem(hn.ARCHS, "cResNet18", (name, {**fixed, "width": 0.125}))
+        ref_arch, width, decay, side = "cResNet18", 1.0, 5e-4, 16
+    _init_weights(model, signed_constant=arch == "Conv4")
+    scores = []
+    for m in model.modules():
+        if isinstance(m, RefSubnetConv):
+            m.weight.requires_grad_(False)  # frozen, as the reference's --freeze-weights
+            scores.append(m.scores)
+    opt = torch.optim.SGD(scores, lr=0.1, momentum=0.9, weight_decay=decay)
+    epochs = STEPS // STEPS_PER_EPOCH
+    ref = rp.TorchSide(model, opt, _cosine_lr(opt, 0.1, epochs), nn.CrossEntropyLoss(),
+                       lambda m: m.mask(), ref_arch, K, width)
+    hyper = dict(lr=0.1, momentum=0.9, weight_decay=decay, nesterov=False, warmup=0, label_smoothing=0.0)
+    data = rp.batches(rp.Case(arch, "", K, 8, side), STEPS_PER_EPOCH, 10, 0, None)
+    make_ours = lambda state: rp.JaxSide(  # noqa: E731
+        state, arch=ref_arch, keep_fraction=K, width=width, hyper=hyper, steps=STEPS,
+        steps_per_epoch=STEPS_PER_EPOCH, num_classes=10, plant=plant)
+    return rp.run(ref, make_ours, data, STEPS, STEPS_PER_EPOCH, log=lambda *a: None,
+                  stop_at_parting=plant is not None)
+
+
+@pytest.mark.parametrize("arch", ["Conv4", "cResNet18"])
+def test_training_matches_reference_step_by_step(monkeypatch, one_torch_thread, arch):
+    res = _train(monkeypatch, arch)
+    assert res.agrees, res.parted
+    assert len(res.records) == STEPS
+    assert res.records[0]["loss_rel"] < 1e-5
+    assert all(v["mask_agree"] == 1.0 for v in res.records[0]["layers"].values())
+
+
+PARTING = {  # plant: the step and our layer where the runs part ({first}: the model's first layer)
+    "no_score_decay": (0, "{decayed}: score update"),  # where decay weighs most against the gradient
+    "signed_scores": (0, "{first}: mask"),
+    "lr_per_step": (2, "{first}: score update"),  # lr 1.1% lower at step 2 (step 0: equal)
+    "bn_eval": (0, "stem_bn: BN running stats"),
+    "count_rounding": (0, "{first}: mask"),  # conv0: 432 weights, k * n = 129.6, 130 kept vs 129
+}
+
+
+@pytest.mark.parametrize("arch, plant", [("Conv4", p) for p in rp.PLANTS if p != "bn_eval"]
+                         + [("cResNet18", p) for p in rp.PLANTS])
+def test_planted_difference_is_caught(monkeypatch, one_torch_thread, arch, plant):
+    """Each planted difference in our step makes the check fail, naming the step and layer."""
+    res = _train(monkeypatch, arch, plant)
+    assert not res.agrees
+    step, where = PARTING[plant]
+    assert res.parted[0] == step, res.parted
+    first, decayed = ("conv0", "conv0") if arch == "Conv4" else ("stem_conv", "stage0_block0/conv1")
+    assert res.parted[1].startswith(where.format(first=first, decayed=decayed)), res.parted

@@ -81,7 +81,8 @@ def _guess_weight_init(kernels: list[np.ndarray]) -> str:
     return "kaiming_normal"
 
 
-def convert_state_dict(state_dict: dict, arch: str, *, keep_fraction: float, width: float = 1.0):
+def convert_state_dict(state_dict: dict, arch: str, *, keep_fraction: float, width: float = 1.0,
+                       check: bool = True):
     """Converts a checkpoint of the PyTorch reference (allenai/hidden-networks) to our model.
 
     Args:
@@ -89,6 +90,8 @@ def convert_state_dict(state_dict: dict, arch: str, *, keep_fraction: float, wid
       arch: the reference's architecture name, one of ARCHS (FC, Conv2, ..., WideResNet50_2).
       keep_fraction: the k it was trained with (the reference's prune_rate as "kept").
       width: the conv nets' width multiplier.
+      check: compare every leaf with our model's variable tree (traced); False skips that (for
+        benchmarks/reference_parity.py, which converts the same layers at every step).
 
     Returns:
       (model_name, model_options, variables) with variables {'params': {... 'scores'},
@@ -193,6 +196,8 @@ def convert_state_dict(state_dict: dict, arch: str, *, keep_fraction: float, wid
             flat[("params",) + path + ("bias",)] = sd[p + ".bias"].astype(np.float32)
     options["weight_init"] = _guess_weight_init(kernels)
 
+    if not check:
+        return name, options, flax.traverse_util.unflatten_dict(flat)
     # Check every leaf against our model's own variable tree (shapes from tracing, no compute).
     model = get_model(name, **options)
     x_shape = (1, 28, 28, 1) if arch == "FC" else (1, 32, 32, 3)
