@@ -378,11 +378,17 @@ def masks(variables: dict, model) -> dict[str, jax.Array]:
     models.MaskedModel."""
     if not hasattr(model, "keep_fractions"):
         raise ValueError(f"masks needs the transformed module or a MaskedModel, got {model!r}")
-    keep = model.keep_fraction if model.uniform_keep_fraction() else model.keep_fractions(
-        variables["params"])
-    found = selection.edge_popup_masks(variables["params"], keep, model.mask_scope)
+    keep = model.keep_fraction if model.uniform_keep_fraction() else tuple(sorted(
+        model.keep_fractions(variables["params"]).items()))
+    found = _select(variables["params"], keep, model.mask_scope)
     return {"/".join(p[:-1]): m for p, m in flax.traverse_util.flatten_dict(
         flax.core.unfreeze(found)).items()}
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _select(params, keep, scope):
+    keep = dict(keep) if isinstance(keep, tuple) else keep  # hashable, as a static argument
+    return selection.edge_popup_masks(params, keep, scope)
 
 
 def train_step(model, tx: optax.GradientTransformation, loss_fn: Callable, *,
