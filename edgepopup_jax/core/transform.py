@@ -46,6 +46,7 @@ from edgepopup_jax.core import binary, inits, masking, selection
 FROZEN = "frozen"
 MAPPED = ("params", FROZEN, selection.MASKS)  # the collections the map rewrites
 WEIGHT_LEAVES = ("kernel", "embedding")  # a matched layer's weight: Dense/Conv/Einsum, Embed
+TRANSFORM_MASKS = ("edge_popup", "dense")
 KERNEL_LAYERS = (nn.Dense, nn.DenseGeneral, nn.Conv, nn.ConvTranspose, nn.Einsum)
 # Attributes the trainer reads from a model (models.base.MaskedModel's); the transformed class
 # answers them, so the user's module must not have fields of these names.
@@ -92,9 +93,13 @@ class TransformOptions:
     embed: bool = False  # also mask nn.Embed tables
     learn_unmatched: bool | tuple[str, ...] = False  # True, False, or leaf-path patterns
     methods: tuple[str, ...] = ("__call__",)  # the module's methods that see the masked kernels
+    mask: str = "edge_popup"  # or "dense": the baseline, nothing masked, every parameter learned
 
     def __post_init__(self):
         set_ = functools.partial(object.__setattr__, self)
+        if self.mask not in TRANSFORM_MASKS:
+            raise ValueError(f"mask must be one of {', '.join(TRANSFORM_MASKS)} for a transformed "
+                             f"model, got {self.mask!r}")
         set_("keep_fraction", masking.check_keep_fraction(self.keep_fraction))
         inits.check_weight_init(self.weight_init)
         inits.check_fan_mode(self.weight_init_mode)
@@ -131,9 +136,12 @@ class TransformOptions:
         return self.keep_fraction
 
     def selects(self, layer: str) -> bool:
-        return _matches(layer, self.include) and not _matches(layer, self.exclude)
+        return (self.mask == "edge_popup" and _matches(layer, self.include)
+                and not _matches(layer, self.exclude))
 
     def learns(self, leaf_path: str) -> bool:
+        if self.mask == "dense":
+            return True
         if isinstance(self.learn_unmatched, bool):
             return self.learn_unmatched
         return _matches(leaf_path, self.learn_unmatched)
@@ -305,7 +313,7 @@ def edge_popup(module: nn.Module, keep_fraction: float = 0.5, *,
                score_init_scale: float = 1.0, mask_scope: str = "layer",
                binary_weights: bool = False, include=("*",), exclude=(),
                keep_fractions=None, embed: bool = False, learn_unmatched=False,
-               methods=("__call__",)) -> nn.Module:
+               methods=("__call__",), mask: str = "edge_popup") -> nn.Module:
     """An edge-popup version of any Flax Linen module: the same class and fields, the same
     `__call__`; every matched kernel becomes frozen random weights (`frozen`) times the top-k
     mask of learned scores (`params`).
@@ -329,6 +337,8 @@ def edge_popup(module: nn.Module, keep_fraction: float = 0.5, *,
         `frozen`; True learned, in `params` with the scores; or glob patterns on "/"-joined
         leaf paths ("head/*", "*/bias") naming those learned.
       methods: the module's methods that see the masked kernels.
+      mask: "edge_popup", or "dense" (the dense baseline: nothing masked, every parameter
+        learned in `params`, the module as it is).
 
     Returns:
       A module of a subclass of type(module) with the same fields. It also answers what the
@@ -346,7 +356,7 @@ def edge_popup(module: nn.Module, keep_fraction: float = 0.5, *,
         scale_by_keep_fraction=scale_by_keep_fraction, score_init=score_init,
         score_init_scale=score_init_scale, mask_scope=mask_scope, binary_weights=binary_weights,
         include=include, exclude=exclude, keep_fractions=keep_fractions or (), embed=embed,
-        learn_unmatched=learn_unmatched, methods=methods)
+        learn_unmatched=learn_unmatched, methods=methods, mask=mask)
     fields = {f.name: getattr(module, f.name) for f in dataclasses.fields(module)
               if f.init and f.name != "parent"}
     clash = sorted(set(fields) & set(MODEL_ATTRIBUTES))
@@ -359,7 +369,7 @@ def edge_popup(module: nn.Module, keep_fraction: float = 0.5, *,
     cls = nn.transforms.lift_transform(_lift, type(module), options, methods=list(options.methods))
     cls.__name__ = cls.__qualname__ = f"EdgePopup{type(module).__name__}"
     cls.edge_popup_options = options
-    cls.mask = "edge_popup"
+    cls.mask = options.mask
     cls.keep_fraction = options.keep_fraction
     cls.mask_scope = options.mask_scope
     cls.binary_weights = options.binary_weights
