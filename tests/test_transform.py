@@ -260,9 +260,6 @@ def test_kept_counts_exact(name):
         k = next((f for p, f in fractions.items() if __import__("fnmatch").fnmatchcase(n, p)), 0.4)
         expected[n] = (masking.kept_count(s, k), s)
     assert _kept(v, per_path) == expected
-    # The forward pass uses exactly these masks: zeroing the pruned weights changes nothing.
-    given = {n: {"scores": m} for n, m in transform.masks(v, per_path).items()}
-    np.testing.assert_array_equal(_apply(per_path, v, x), _apply(per_path, {**v, "masks": given}, x))
 
 
 def test_fans_and_layout_of_matched_kernels():
@@ -272,7 +269,8 @@ def test_fans_and_layout_of_matched_kernels():
     model = edge_popup(module, weight_init="signed_constant", embed=True, exclude="unembed")
     v = _init(model, x)
     frozen = flat(v["frozen"])
-    fan_in = {"embed/embedding": 8, "block0/attn/query/kernel": 8, "block0/attn/out/kernel": 8,
+    fan_in = {"embed/embedding": 8, "block0/attn/query/kernel": 8, "block0/attn/key/kernel": 8,
+              "block0/attn/value/kernel": 8, "block0/attn/out/kernel": 8,
               "block0/mlp_in/kernel": 8, "block0/mlp_out/kernel": 16}
     for path, fan in fan_in.items():
         np.testing.assert_allclose(np.abs(frozen[path]), math.sqrt(2 / fan), rtol=1e-6)
@@ -283,7 +281,9 @@ def test_fans_and_layout_of_matched_kernels():
     for path in ("pos_embed", "ln/scale", "block0/attn/query/bias", "block0/ln0/bias"):
         np.testing.assert_array_equal(frozen[path], flat(plain["params"])[path])
     assert set(flat(v["params"])) == {p.rsplit("/", 1)[0] + "/scores" for p in fan_in}
-    assert transform.kernel_fans(nn.Einsum((2, 3, 4), "bti,hid->bthd"), "kernel", (2, 3, 4)) == (3, 4)
+    # Einsum: contracted axes are the fan-in, output-only axes the fan-out, shared ones neither.
+    assert transform.kernel_fans(nn.Einsum((2, 3, 4), "bti,hid->bthd"), "kernel", (2, 3, 4)) == (3, 8)
+    assert transform.kernel_fans(nn.Einsum((2, 3, 4), "bhi,hid->bhd"), "kernel", (2, 3, 4)) == (3, 4)
 
 
 @pytest.mark.parametrize("learn", [False, ("*/bias", "cls")])
@@ -300,9 +300,9 @@ def test_unmatched_policy_after_a_step(learn):
         np.testing.assert_array_equal(flat(new["frozen"])[path], w, err_msg=path)
     learned = {p for p in flat(v["params"]) if not p.endswith("/scores")}
     if learn:
-        assert learned == {"cls", "head/bias", "patch/bias"} | {
-            f"block{i}/{n}/bias" for i in range(2)
-            for n in ("attn/query", "attn/key", "attn/value", "attn/out", "mlp_in", "ln0", "ln1")}
+        biases = {p for p in flat(_init(module, x)["params"]) if p.endswith("/bias")}
+        assert len(biases) == 2 * 8 + 3  # per block 4 attention, 2 MLP, 2 LayerNorm; patch, ln, head
+        assert learned == biases | {"cls"}
         assert "pos_embed" in flat(v["frozen"]) and "block0/ln0/scale" in flat(v["frozen"])
         assert not np.array_equal(flat(new["params"])["head/bias"], flat(v["params"])["head/bias"])
     else:
@@ -364,3 +364,51 @@ def test_bad_options_name_the_field():
         edge_popup(TinyViT(), weight_init="glorot")
     with pytest.raises(ValueError, match="methods"):
         edge_popup(TinyViT(), methods=("encode",))
+
+
+TINY_VIT = dict(dim=16, depth=1, heads=2, mlp_dim=32)
+
+
+def test_zoo_vit_takes_a_step_of_the_trainer():
+    """get_model("vit") through the trainer's own state, step and kept-count check."""
+    from edgepopup_jax.training import train
+
+    model = models.get_model("vit", **TINY_VIT, keep_fraction=0.3, first_last_keep_fraction=0.9,
+                             dense_last=True)
+    tx = optax.sgd(0.1, momentum=0.9)
+    state = train.create_state(model, tx, (32, 32, 3), seed=0)
+    assert "head/kernel" in flat(state.params) and "head/bias" in flat(state.params)
+    assert "patch_embed/scores" in flat(state.params) and "cls" in flat(state.frozen)
+    assert model.keep_fractions(state.params)["patch_embed"] == 0.9
+    assert model.keep_fractions(state.params)["block0/attn/query"] == 0.3
+    batch = {"image": jnp.zeros((2, 32, 32, 3), jnp.uint8) + jnp.arange(2, dtype=jnp.uint8)[:, None, None, None],
+             "label": jnp.array([1, 2])}
+    step = jax.jit(functools.partial(train.train_step, model=model, tx=tx, num_classes=10,
+                                     label_smoothing=0.0, mean=(0.5,) * 3, std=(0.25,) * 3))
+    new, metrics = step(state, batch)
+    assert float(metrics["finite"]) == 1.0
+    rows = train.check_kept_counts(new, model)
+    assert {r.name: r.mode for r in rows}["head"] == "dense"
+    for path, w in flat(state.frozen).items():
+        np.testing.assert_array_equal(flat(new.frozen)[path], w, err_msg=path)
+
+
+def test_register_and_zoo_options():
+    models.register("my_vit", lambda **options: models.vit(**TINY_VIT, **options))
+    with pytest.raises(ValueError, match="registered already"):
+        models.register("my_vit", models.vit)
+    with pytest.raises(ValueError, match="callable"):
+        models.register("other", 3)
+    model = models.get_model("my_vit", num_classes=7, keep_fraction=0.25, mask_scope="global")
+    assert (model.keep_fraction, model.mask_scope, model.num_classes) == (0.25, "global", 7)
+    dense = models.get_model("my_vit", mask="dense")
+    shapes = jax.eval_shape(dense.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    assert "frozen" not in shapes and "head/kernel" in flat(shapes["params"])
+    lm = models.get_model("transformer_lm", num_classes=31, dim=16, depth=1, heads=2, mlp_dim=32)
+    shapes = jax.eval_shape(lm.init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
+    assert {p for p in flat(shapes["params"])} >= {"embed/scores", "unembed/scores"}
+    with pytest.raises(ValueError, match="supermask"):
+        models.get_model("vit", mask="supermask")
+    with pytest.raises(ValueError, match="unknown model 'nope'.*my_vit"):
+        models.get_model("nope")
+    del models.MODELS["my_vit"]
