@@ -376,7 +376,7 @@ def test_zoo_vit_takes_a_step_of_the_trainer():
     model = models.get_model("vit", **TINY_VIT, keep_fraction=0.3, first_last_keep_fraction=0.9,
                              dense_last=True)
     tx = optax.sgd(0.1, momentum=0.9)
-    state = train.create_state(model, tx, (32, 32, 3), seed=0)
+    state = jax.jit(lambda: train.create_state(model, tx, (32, 32, 3), seed=0))()  # eager: slow
     assert "head/kernel" in flat(state.params) and "head/bias" in flat(state.params)
     assert "patch_embed/scores" in flat(state.params) and "cls" in flat(state.frozen)
     assert model.keep_fractions(state.params)["patch_embed"] == 0.9
@@ -412,3 +412,19 @@ def test_register_and_zoo_options():
     with pytest.raises(ValueError, match="unknown model 'nope'.*my_vit"):
         models.get_model("nope")
     del models.MODELS["my_vit"]
+
+
+def test_library_md_example_runs():
+    """The own-loop example of docs/library.md (the README's), as printed there."""
+    import pathlib
+
+    text = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "library.md").read_text()
+    start = text.index("```python\nimport flax.linen as nn, jax, jax.numpy as jnp, optax, edgepopup_jax")
+    code = text[start + len("```python\n"):text.index("```\n", start + 10)]
+    assert code.count("\n") <= 15
+    namespace = {}
+    exec(compile(code, "docs/library.md", "exec"), namespace)  # prints the table
+    variables, model = namespace["variables"], namespace["model"]
+    assert np.isfinite(float(namespace["value"]))
+    assert {n: int(m.sum()) for n, m in transform.masks(variables, model).items()} == {
+        "Dense_0": masking.kept_count(3000, 0.3), "Dense_1": masking.kept_count(235200, 0.3)}
