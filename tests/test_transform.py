@@ -428,3 +428,32 @@ def test_library_md_example_runs():
     assert np.isfinite(float(namespace["value"]))
     assert {n: int(m.sum()) for n, m in transform.masks(variables, model).items()} == {
         "Dense_0": masking.kept_count(3000, 0.3), "Dense_1": masking.kept_count(235200, 0.3)}
+
+
+def test_subnet_round_trip_of_a_transformed_model(tmp_path):
+    """save_subnet(model=...) stores per-path entries; load_subnet(path, module=...) rebuilds
+    the user's plain module, whose logits equal the trainer's eval logits (W * mask folded)
+    bit for bit."""
+    from edgepopup_jax import subnet
+
+    module, x, kernels, _ = _models()["vit"]
+    model = edge_popup(module, keep_fraction=0.3, learn_unmatched=("*/bias",),
+                       weight_init="signed_constant")
+    v = _init(model, x)
+    v = {**v, "params": jax.tree.map(lambda a: a + 0.01 * jnp.arange(a.size).reshape(a.shape),
+                                     v["params"])}  # trained-like scores and biases
+    path = tmp_path / "vit.subnet"
+    stats = subnet.save_subnet(path, model=model, variables=v)
+    kept = {n: int(m.sum()) for n, m in transform.masks(v, model).items()}
+    leaf = lambda n: n + ("/kernel" if n != "embed" else "/embedding")  # noqa: E731
+    assert stats["kept_per_layer"] == {leaf(n): k for n, k in kept.items()}
+    assert set(kept) == kernels
+    for given in (module, model):
+        plain, loaded = subnet.load_subnet(path, module=given)
+        assert type(plain) is type(module) and "frozen" not in loaded
+        np.testing.assert_array_equal(
+            _apply(plain, loaded, x),
+            _apply(model, selection.with_masks(v, model, fold=True), x))
+    assert subnet.read_subnet(path).model_name == "module:TinyViT"
+    with pytest.raises(ValueError, match="pass module="):
+        subnet.load_subnet(path)
