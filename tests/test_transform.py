@@ -457,3 +457,37 @@ def test_subnet_round_trip_of_a_transformed_model(tmp_path):
     assert subnet.read_subnet(path).model_name == "module:TinyViT"
     with pytest.raises(ValueError, match="pass module="):
         subnet.load_subnet(path)
+
+
+def test_a_transformed_submodule():
+    """Inside a parent module: only the child's kernels are masked, at the child's paths."""
+    class MLP(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(4)(nn.relu(nn.Dense(8)(x)))
+
+    class Outer(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            y = edge_popup(MLP(parent=None), keep_fraction=0.5, name="inner")(x)
+            return nn.Dense(2, name="proj")(y)
+
+    class Adopted(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return edge_popup(MLP(name="inner"))(x)
+
+    x = jnp.ones((2, 3))
+    v = _init(Outer(), x)
+    assert set(flat(v["params"])) == {"inner/Dense_0/scores", "inner/Dense_1/scores",
+                                      "proj/kernel", "proj/bias"}
+    assert set(flat(v["frozen"])) == {"inner/Dense_0/kernel", "inner/Dense_0/bias",
+                                      "inner/Dense_1/kernel", "inner/Dense_1/bias"}
+    # The child's output is its plain module's on W * mask.
+    masked = {"params": {n: {"kernel": v["frozen"]["inner"][n]["kernel"] * masking.topk_mask(
+        v["params"]["inner"][n]["scores"], 0.5), "bias": v["frozen"]["inner"][n]["bias"]}
+        for n in ("Dense_0", "Dense_1")}}
+    expected = nn.Dense(2).apply({"params": v["params"]["proj"]}, MLP().apply(masked, x))
+    np.testing.assert_allclose(_apply(Outer(), v, x), expected, rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="parent=None"):
+        Adopted().init(jax.random.key(0), x)

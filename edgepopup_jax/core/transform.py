@@ -313,7 +313,7 @@ def edge_popup(module: nn.Module, keep_fraction: float = 0.5, *,
                score_init_scale: float = 1.0, mask_scope: str = "layer",
                binary_weights: bool = False, include=("*",), exclude=(),
                keep_fractions=None, embed: bool = False, learn_unmatched=False,
-               methods=("__call__",), mask: str = "edge_popup") -> nn.Module:
+               methods=("__call__",), mask: str = "edge_popup", name: str | None = None) -> nn.Module:
     """An edge-popup version of any Flax Linen module: the same class and fields, the same
     `__call__`; every matched kernel becomes frozen random weights (`frozen`) times the top-k
     mask of learned scores (`params`).
@@ -339,6 +339,8 @@ def edge_popup(module: nn.Module, keep_fraction: float = 0.5, *,
       methods: the module's methods that see the masked kernels.
       mask: "edge_popup", or "dense" (the dense baseline: nothing masked, every parameter
         learned in `params`, the module as it is).
+      name: the transformed module's name as a submodule (inside a parent's compact method,
+        give the module parent=None: ep.edge_popup(MLP(parent=None), name="mlp")).
 
     Returns:
       A module of a subclass of type(module) with the same fields. It also answers what the
@@ -351,6 +353,10 @@ def edge_popup(module: nn.Module, keep_fraction: float = 0.5, *,
     """
     if not isinstance(module, nn.Module):
         raise ValueError(f"edge_popup transforms a flax.linen Module, got {type(module).__name__}")
+    if isinstance(module.parent, nn.Module):
+        raise ValueError(f"edge_popup needs a module that no parent has adopted: inside "
+                         f"{type(module.parent).__name__}, build it with parent=None, e.g. "
+                         f"ep.edge_popup({type(module).__name__}(parent=None), name=...)")
     options = TransformOptions(
         keep_fraction=keep_fraction, weight_init=weight_init, weight_init_mode=weight_init_mode,
         scale_by_keep_fraction=scale_by_keep_fraction, score_init=score_init,
@@ -359,6 +365,8 @@ def edge_popup(module: nn.Module, keep_fraction: float = 0.5, *,
         learn_unmatched=learn_unmatched, methods=methods, mask=mask)
     fields = {f.name: getattr(module, f.name) for f in dataclasses.fields(module)
               if f.init and f.name != "parent"}
+    if name is not None:
+        fields["name"] = name
     clash = sorted(set(fields) & set(MODEL_ATTRIBUTES))
     if clash:
         raise ValueError(f"{type(module).__name__} has field(s) {', '.join(clash)}, which the "
