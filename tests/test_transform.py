@@ -491,3 +491,23 @@ def test_a_transformed_submodule():
     np.testing.assert_allclose(_apply(Outer(), v, x), expected, rtol=1e-6, atol=1e-7)
     with pytest.raises(ValueError, match="parent=None"):
         Adopted().init(jax.random.key(0), x)
+
+
+def test_iterand_and_finetune_leave_unmasked_frozen_leaves_alone():
+    """A transformed model's frozen bias beside a masked kernel, and a frozen LayerNorm: IteRand
+    redraws only the kernel's pruned weights; fine-tuning's mask is zero for the others."""
+    from edgepopup_jax.training import finetune, iterand
+
+    w, fresh = jnp.arange(6.0).reshape(2, 3) + 1, -jnp.ones((2, 3))
+    mask = jnp.array([[1.0, 0, 0], [0, 1, 0]])
+    frozen = {"l": {"kernel": w, "bias": jnp.ones(3)}, "ln": {"scale": jnp.ones(3)}}
+    fresh_tree = {"l": {"kernel": fresh, "bias": jnp.zeros(3)}, "ln": {"scale": jnp.zeros(3)}}
+    out = iterand.redraw(frozen, {"l": {"scores": mask}}, fresh_tree, jax.random.key(0),
+                         mode="manual", rate=1.0, lam=0.0, mu=1.0)
+    np.testing.assert_array_equal(out["l"]["kernel"], jnp.where(mask > 0, w, fresh))
+    np.testing.assert_array_equal(out["l"]["bias"], jnp.ones(3))
+    np.testing.assert_array_equal(out["ln"]["scale"], jnp.ones(3))
+    kernel_masks = finetune.kernel_masks({"l": {"scores": mask}}, frozen)
+    np.testing.assert_array_equal(kernel_masks["l"]["kernel"], mask)
+    np.testing.assert_array_equal(kernel_masks["l"]["bias"], jnp.zeros(3))
+    np.testing.assert_array_equal(kernel_masks["ln"]["scale"], jnp.zeros(3))
