@@ -411,6 +411,10 @@ def test_register_and_zoo_options():
         models.get_model("vit", mask="supermask")
     with pytest.raises(ValueError, match="unknown model 'nope'.*my_vit"):
         models.get_model("nope")
+    by_path = models.get_model("edgepopup_jax.models.transformed:vit", **TINY_VIT, keep_fraction=0.2)
+    assert type(by_path).__name__ == "EdgePopupViT" and by_path.keep_fraction == 0.2
+    with pytest.raises(ValueError, match="cannot import"):
+        models.get_model("edgepopup_jax.models:no_such_factory")
     del models.MODELS["my_vit"]
 
 
