@@ -270,6 +270,7 @@ RECIPE_OF = {
     **{f"imagenet.py:{a}": "IMAGENET" for a in IMAGENET_ARCHS},
     **{f"imagenet_{f}.py": "IMAGENET" for f in ("resnet50", "resnet101", "wrn50")},
     "default.py": None,  # the MNIST-5k demo: no paper recipe (checked below)
+    "cifar10_vit.py": "EP",  # not in the paper: its CIFAR-10 recipe on a transformed ViT
 }
 REFERENCE_CIFAR_NORM = ((0.491, 0.482, 0.447), (0.247, 0.243, 0.262))  # its data/cifar.py
 REFERENCE_IMAGENET_NORM = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))  # its data/imagenet.py
