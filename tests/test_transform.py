@@ -168,6 +168,7 @@ def _resnet_variables():
     return x, _init(edge_popup(PlainCifarResNet18(width=0.125), keep_fraction=K), x)
 
 
+@pytest.mark.slow  # 21 layers and BatchNorm: minutes of compiling on a 2-core CPU
 @pytest.mark.parametrize("scope", ["layer", "global"])
 def test_cifar_resnet18_equals_hand_written(scope):
     hand = models.get_model("cifar_resnet18", width=0.125, keep_fraction=K, mask_scope=scope)
