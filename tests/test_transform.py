@@ -516,3 +516,20 @@ def test_iterand_and_finetune_leave_unmasked_frozen_leaves_alone():
     np.testing.assert_array_equal(kernel_masks["l"]["kernel"], mask)
     np.testing.assert_array_equal(kernel_masks["l"]["bias"], jnp.zeros(3))
     np.testing.assert_array_equal(kernel_masks["ln"]["scale"], jnp.zeros(3))
+
+
+def test_subnet_of_a_registered_transformed_model(tmp_path):
+    """The export command's path (save_subnet(model_name="vit", ...)) for a zoo model built with
+    the transform; load_subnet(path) then needs no module: the registry gives the plain ViT."""
+    from edgepopup_jax import subnet
+    from edgepopup_jax.models.vit import ViT
+
+    options = dict(TINY_VIT, keep_fraction=0.3, mask_scope="global")
+    model = models.get_model("vit", **options)
+    x = jax.random.normal(jax.random.key(3), (2, 32, 32, 3))
+    v = _init(model, x)
+    subnet.save_subnet(tmp_path / "vit.subnet", model_name="vit", model_options=options, variables=v)
+    plain, loaded = subnet.load_subnet(tmp_path / "vit.subnet", expect_model="vit")
+    assert type(plain) is ViT
+    np.testing.assert_array_equal(_apply(plain, loaded, x),
+                                  _apply(model, selection.with_masks(v, model, fold=True), x))

@@ -188,6 +188,8 @@ def _encode(*, model_name: str, model_options: dict, variables, keep_fraction=No
     options["keep_fraction"] = k
     mask_mode = full["mask"]
     model = get_model(model_name, **options)
+    if transform.is_transformed(model):  # a registered model built with the transform (vit)
+        return _encode_transformed(model, variables, model_name=model_name, model_options=options)
     keep = k if model.uniform_keep_fraction() else model.keep_fractions(_get(variables, "params"))
 
     masked, dense, other = _layer_roles(variables)
@@ -246,10 +248,12 @@ def _encode(*, model_name: str, model_options: dict, variables, keep_fraction=No
 MODULE_PREFIX = "module:"  # model_name of a transformed module's file (per-path entries)
 
 
-def _encode_transformed(model, variables):
+def _encode_transformed(model, variables, model_name=None, model_options=None):
     """A transformed module's file: each masked kernel (W * mask) at its parameter path
     (layer + "kernel" or "embedding"), everything else as it sits in the plain module's
-    variables (frozen and learned parameters under "params", batch_stats, ...)."""
+    variables (frozen and learned parameters under "params", batch_stats, ...). A registered
+    model (model_name, model_options: get_model's) is named so; any other module
+    "module:<its class>" with its transform options."""
     if not transform.is_transformed(model):
         raise ValueError(f"save_subnet(model=...) takes a module transformed with edge_popup, got "
                          f"{type(model).__name__}")
@@ -285,13 +289,23 @@ def _encode_transformed(model, variables):
                    [list(x) if isinstance(x, tuple) else x for x in v] if isinstance(v, tuple)
                    else repr(v))
                for k, v in dataclasses.asdict(options).items()}
+    if model_name is None:
+        model_name = MODULE_PREFIX + type(model).__name__.removeprefix("EdgePopup")
+        model_options = summary
     blob, header_bytes = fmt.encode(
-        model_name=MODULE_PREFIX + type(model).__name__.removeprefix("EdgePopup"),
-        model_options=summary, keep_fraction=options.keep_fraction, mask=model.mask,
+        model_name=model_name, model_options=model_options,
+        keep_fraction=options.keep_fraction, mask=model.mask,
         layers=layers, extra=extra, table=table)
     return blob, {"subnet_bytes": len(blob), "header_bytes": header_bytes,
                   "masked_weights": n_masked, "kept_weights": n_kept,
                   "kept_per_layer": {"/".join(e.path): e.kept for e in layers}}
+
+
+def _per_path_variables(sf) -> dict:
+    """The plain module's variables from a transformed model's file (per-path entries)."""
+    flat = {("params",) + e.path: jnp.asarray(sf.kernel(e)) for e in sf.layers}
+    flat.update({e.path: jnp.asarray(sf.arrays[e.array]) for e in sf.extra})
+    return flax.traverse_util.unflatten_dict(flat)
 
 
 def _plain(module):
@@ -410,9 +424,7 @@ def load_subnet(path, *, expect_model: str | None = None, expect_options: dict |
         if not sf.model_name.startswith(MODULE_PREFIX):
             raise ValueError(f"{os.fspath(path)}: holds the registered model {sf.model_name!r}: "
                              "load it without module=")
-        flat = {("params",) + e.path: jnp.asarray(sf.kernel(e)) for e in sf.layers}
-        flat.update({e.path: jnp.asarray(sf.arrays[e.array]) for e in sf.extra})
-        return _plain(module), flax.traverse_util.unflatten_dict(flat)
+        return _plain(module), _per_path_variables(sf)
     if expect_model is not None and sf.model_name != expect_model:
         raise ValueError(f"{os.fspath(path)}: architecture mismatch: the file holds {sf.model_name!r}, "
                          f"expected {expect_model!r}")
@@ -422,6 +434,9 @@ def load_subnet(path, *, expect_model: str | None = None, expect_options: dict |
         if diff:
             raise ValueError(f"{os.fspath(path)}: architecture mismatch in options "
                              + ", ".join(f"{k}: file {a!r}, expected {b!r}" for k, (a, b) in diff.items()))
+    built = get_model(sf.model_name, **sf.model_options)
+    if transform.is_transformed(built):  # a registered model built with the transform (vit)
+        return _plain(built), _per_path_variables(sf)
     model = get_model(sf.model_name, **inference_options(sf.model_name, sf.model_options))
     flat = {("params",) + e.path + ("kernel",): jnp.asarray(sf.kernel(e)) for e in sf.layers}
     for e in sf.extra:
