@@ -367,13 +367,16 @@ def edge_popup_masks(params, keep_fraction, scope: str = "layer", mesh=None,
 
 def fold_into_kernels(frozen, masks):
     """The `masks` collection with each mask folded into its layer's kernel: {layer: {"kernel":
-    W * mask}}. The layers use such a kernel as it is, so an evaluation multiplies once, not
-    once per batch."""
+    W * mask}} ("embedding" for an embedding table). The layers use such a kernel as it is, so
+    an evaluation multiplies once, not once per batch."""
     flat_frozen = flax.traverse_util.flatten_dict(flax.core.unfreeze(frozen))
     folded = {}
     for path, mask in flax.traverse_util.flatten_dict(flax.core.unfreeze(masks)).items():
-        weights = flat_frozen[path[:-1] + ("kernel",)]
-        folded[path[:-1] + ("kernel",)] = weights * mask.astype(weights.dtype)
+        # a layer's weight: "kernel", or an nn.Embed's "embedding" (transform.edge_popup)
+        leaf = next((path[:-1] + (n,) for n in ("kernel", "embedding")
+                     if path[:-1] + (n,) in flat_frozen), path[:-1] + ("kernel",))
+        weights = flat_frozen[leaf]
+        folded[leaf] = weights * mask.astype(weights.dtype)
     return flax.traverse_util.unflatten_dict(folded)
 
 

@@ -32,10 +32,18 @@ def _count_kept(scores: dict, keep_fraction, mask: str, mask_scope: str) -> dict
     return jax.tree.map(lambda m: jnp.sum(m != 0, dtype=jnp.int32), masks)
 
 
-def layer_stats(variables, keep_fraction, mask: str = "edge_popup",
-                mask_scope: str = "layer") -> list[LayerStats]:
+def layer_stats(variables, keep_fraction=None, mask: str = "edge_popup",
+                mask_scope: str = "layer", *, model=None) -> list[LayerStats]:
     """Counts each layer's weights and the weights its current mask keeps (counted from the mask).
-    keep_fraction: one for every layer, or {"/"-joined layer path: k} (MaskedModel.keep_fractions)."""
+    keep_fraction: one for every layer, or {"/"-joined layer path: k} (MaskedModel.keep_fractions).
+    model (instead of keep_fraction, mask and mask_scope): a MaskedModel or a transformed module
+    (transform.edge_popup), whose own keep fractions, mask and scope are used."""
+    if model is not None:
+        keep_fraction = (model.keep_fraction if model.uniform_keep_fraction()
+                         else model.keep_fractions(variables["params"]))
+        mask, mask_scope = model.mask, model.mask_scope
+    elif keep_fraction is None:
+        raise ValueError("layer_stats needs keep_fraction (or model)")
     params = flax.traverse_util.flatten_dict(flax.core.unfreeze(variables["params"]), sep="/")
     scores = {k[: -len("/scores")]: v for k, v in params.items() if k.endswith("/scores")}
     dense = {k[: -len("/kernel")]: v for k, v in params.items() if k.endswith("/kernel")}

@@ -18,6 +18,7 @@ in the same directory and renamed into place.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -29,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from edgepopup_jax.core import binary, masking, selection
+from edgepopup_jax.core import binary, masking, selection, transform
 from edgepopup_jax.core.options import DEFAULTS as LAYER_OPTION_DEFAULTS
 from edgepopup_jax.subnet import format as fmt
 from edgepopup_jax.subnet.format import (FORMAT_VERSION, MAGIC, SubnetFile,  # noqa: F401
@@ -187,6 +188,8 @@ def _encode(*, model_name: str, model_options: dict, variables, keep_fraction=No
     options["keep_fraction"] = k
     mask_mode = full["mask"]
     model = get_model(model_name, **options)
+    if transform.is_transformed(model):  # a registered model built with the transform (vit)
+        return _encode_transformed(model, variables, model_name=model_name, model_options=options)
     keep = k if model.uniform_keep_fraction() else model.keep_fractions(_get(variables, "params"))
 
     masked, dense, other = _layer_roles(variables)
@@ -242,18 +245,96 @@ def _encode(*, model_name: str, model_options: dict, variables, keep_fraction=No
     return blob, stats
 
 
+MODULE_PREFIX = "module:"  # model_name of a transformed module's file (per-path entries)
+
+
+def _encode_transformed(model, variables, model_name=None, model_options=None):
+    """A transformed module's file: each masked kernel (W * mask) at its parameter path
+    (layer + "kernel" or "embedding"), everything else as it sits in the plain module's
+    variables (frozen and learned parameters under "params", batch_stats, ...). A registered
+    model (model_name, model_options: get_model's) is named so; any other module
+    "module:<its class>" with its transform options."""
+    if not transform.is_transformed(model):
+        raise ValueError(f"save_subnet(model=...) takes a module transformed with edge_popup, got "
+                         f"{type(model).__name__}")
+    options = model.edge_popup_options
+    masks = {k: np.asarray(jax.device_get(m)) != 0
+             for k, m in transform.masks(variables, model).items()} if model.mask != "dense" else {}
+    frozen, params = _flat(_get(variables, "frozen")), _flat(_get(variables, "params"))
+    table = fmt.ArrayTable()
+    layers, extra, n_masked, n_kept = [], [], 0, 0
+    for layer in sorted(p[:-1] for p in params if p[-1] == "scores"):
+        leaf = transform.weight_leaf(frozen, layer)
+        w, mask = jnp.asarray(frozen[leaf]), masks["/".join(layer)]
+        if options.binary_weights:
+            w = _binary_kernel(w, jnp.asarray(mask))
+        packed = pack_layer(np.asarray(jax.device_get(w)), mask)
+        encoding = packed["encoding"]
+        layers.append(fmt.MaskedLayer(
+            leaf, tuple(packed["shape"]), packed["kept"], encoding, table.add(packed["mask_bits"]),
+            values=table.add(packed["values"]) if encoding == fmt.ENC_VALUES else None,
+            value=None if encoding == fmt.ENC_VALUES else float(packed["value"]).hex(),
+            sign_bits=table.add(packed["sign_bits"]) if encoding == fmt.ENC_SIGN_SCALE else None))
+        n_masked += layers[-1].total
+        n_kept += packed["kept"]
+    weights = {e.path for e in layers}
+    others = {("params",) + p: v for p, v in {**frozen, **params}.items()
+              if p[-1] != "scores" and p not in weights}
+    for col, tree in flax.core.unfreeze(variables).items():
+        if col not in ("params", "frozen", selection.MASKS):
+            others.update({(col,) + p: v for p, v in _flat(tree).items()})
+    for path, v in sorted(others.items()):
+        extra.append(fmt.ExtraArray(path, table.add(np.asarray(jax.device_get(v)))))
+    summary = {k: (v if isinstance(v, (bool, int, float, str)) or v is None else
+                   [list(x) if isinstance(x, tuple) else x for x in v] if isinstance(v, tuple)
+                   else repr(v))
+               for k, v in dataclasses.asdict(options).items()}
+    if model_name is None:
+        model_name = MODULE_PREFIX + type(model).__name__.removeprefix("EdgePopup")
+        model_options = summary
+    blob, header_bytes = fmt.encode(
+        model_name=model_name, model_options=model_options,
+        keep_fraction=options.keep_fraction, mask=model.mask,
+        layers=layers, extra=extra, table=table)
+    return blob, {"subnet_bytes": len(blob), "header_bytes": header_bytes,
+                  "masked_weights": n_masked, "kept_weights": n_kept,
+                  "kept_per_layer": {"/".join(e.path): e.kept for e in layers}}
+
+
+def _per_path_variables(sf) -> dict:
+    """The plain module's variables from a transformed model's file (per-path entries)."""
+    flat = {("params",) + e.path: jnp.asarray(sf.kernel(e)) for e in sf.layers}
+    flat.update({e.path: jnp.asarray(sf.arrays[e.array]) for e in sf.extra})
+    return flax.traverse_util.unflatten_dict(flat)
+
+
+def _plain(module):
+    """The user's own module: a transformed one's class without the transform."""
+    if not transform.is_transformed(module):
+        return module
+    base = type(module).__mro__[1]
+    fields = {f.name: getattr(module, f.name) for f in dataclasses.fields(module)
+              if f.init and f.name != "parent"}
+    return base(**fields)
+
+
 @jax.jit
 def _binary_kernel(weights, mask):
     """The kernel a binary_weights layer computes: binarize(W * mask), as the folded eval does."""
     return binary.binarize(weights * mask.astype(weights.dtype))
 
 
-def save_subnet(path, *, model_name: str, model_options: dict, variables, keep_fraction=None) -> dict:
+def save_subnet(path, *, variables, model_name: str | None = None,
+                model_options: dict | None = None, keep_fraction=None, model=None) -> dict:
     """Writes the subnetwork of a trained model to `path` (atomically: a temporary file, renamed).
 
     Args:
       path: the .subnet file to write.
       model_name, model_options: the model, as for get_model.
+      model (instead of model_name and model_options): a module transformed with
+        core.transform.edge_popup; the file then holds per-path entries (every masked kernel
+        at its parameter path, every other variable in the plain module's layout) and needs no
+        registry: load_subnet(path, module=...) rebuilds it with the user's module.
       variables: the model's full variables ({'params': scores (and learned kernels), 'frozen':
         random kernels, 'batch_stats': ...}).
       keep_fraction: the k of the mask (default: the one in model_options, else 0.5).
@@ -265,8 +346,17 @@ def save_subnet(path, *, model_name: str, model_options: dict, variables, keep_f
       ValueError: an unknown model or bad option, variables that do not fit the options (scores
         with mask="dense"; no layers), a supermask whose eval is not a fixed threshold.
     """
-    blob, stats = _encode(model_name=model_name, model_options=model_options, variables=variables,
-                          keep_fraction=keep_fraction)
+    if model is not None:
+        if model_name is not None or model_options is not None or keep_fraction is not None:
+            raise ValueError("save_subnet: give model (a transformed module) or model_name and "
+                             "model_options, not both")
+        blob, stats = _encode_transformed(model, variables)
+    elif model_name is None or model_options is None:
+        raise ValueError("save_subnet needs model_name and model_options (or model=, a module "
+                         "transformed with edge_popup)")
+    else:
+        blob, stats = _encode(model_name=model_name, model_options=model_options,
+                              variables=variables, keep_fraction=keep_fraction)
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=SUFFIX, dir=directory)
@@ -303,12 +393,16 @@ def subnet_masks(path) -> dict[str, np.ndarray]:
     return {"/".join(e.path): sf.layer_mask(e) for e in sf.layers if isinstance(e, fmt.MaskedLayer)}
 
 
-def load_subnet(path, *, expect_model: str | None = None, expect_options: dict | None = None):
+def load_subnet(path, *, expect_model: str | None = None, expect_options: dict | None = None,
+                module=None):
     """Reads a subnet file for inference.
 
     Args:
       path: a .subnet file (from save_subnet, export or interop).
       expect_model, expect_options: refuse the file unless it holds this architecture.
+      module: for a file saved from a transformed module (save_subnet(model=...)): the user's
+        Flax module (plain, or the transformed one); returns (the plain module, its variables:
+        every masked kernel W * mask, the other parameters as trained), no registry needed.
 
     Returns:
       (model, variables) for model.apply(variables, x): get_model(name, **options,
@@ -322,6 +416,15 @@ def load_subnet(path, *, expect_model: str | None = None, expect_options: dict |
     from edgepopup_jax.models import get_model
 
     sf = read_subnet(path)
+    if sf.model_name.startswith(MODULE_PREFIX) or module is not None:
+        if module is None:
+            raise ValueError(f"{os.fspath(path)}: holds a transformed Flax module "
+                             f"({sf.model_name[len(MODULE_PREFIX):]}): pass module=, the module "
+                             "it was saved from")
+        if not sf.model_name.startswith(MODULE_PREFIX):
+            raise ValueError(f"{os.fspath(path)}: holds the registered model {sf.model_name!r}: "
+                             "load it without module=")
+        return _plain(module), _per_path_variables(sf)
     if expect_model is not None and sf.model_name != expect_model:
         raise ValueError(f"{os.fspath(path)}: architecture mismatch: the file holds {sf.model_name!r}, "
                          f"expected {expect_model!r}")
@@ -331,6 +434,9 @@ def load_subnet(path, *, expect_model: str | None = None, expect_options: dict |
         if diff:
             raise ValueError(f"{os.fspath(path)}: architecture mismatch in options "
                              + ", ".join(f"{k}: file {a!r}, expected {b!r}" for k, (a, b) in diff.items()))
+    built = get_model(sf.model_name, **sf.model_options)
+    if transform.is_transformed(built):  # a registered model built with the transform (vit)
+        return _plain(built), _per_path_variables(sf)
     model = get_model(sf.model_name, **inference_options(sf.model_name, sf.model_options))
     flat = {("params",) + e.path + ("kernel",): jnp.asarray(sf.kernel(e)) for e in sf.layers}
     for e in sf.extra:

@@ -17,6 +17,7 @@ import flax
 import jax
 import jax.numpy as jnp
 
+from edgepopup_jax.core import transform
 from edgepopup_jax.training import optim
 
 
@@ -46,9 +47,16 @@ def optimizer(config, total_steps: int, steps_per_epoch: int, learning_rate, wei
 
 def kernel_masks(masks, frozen):
     """{layer: {"kernel": mask}} for every kernel of frozen, from selection's {layer:
-    {"scores": mask}}, in the kernels' dtype."""
+    {"scores": mask}}, in the kernels' dtype. A frozen leaf that is no masked layer's weight (a
+    transformed model's frozen bias, LayerNorm, position embedding: core/transform.py) gets a
+    zero mask: fine-tuning leaves it as it is."""
     flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(masks))
-    out = {path: flat[path[:-1] + ("scores",)].astype(w.dtype)
+
+    def mask(path, w):
+        m = flat.get(path[:-1] + ("scores",)) if path[-1] in transform.WEIGHT_LEAVES else None
+        return jnp.zeros_like(w) if m is None else m.astype(w.dtype)
+
+    out = {path: mask(path, w)
            for path, w in flax.traverse_util.flatten_dict(flax.core.unfreeze(frozen)).items()}
     return flax.traverse_util.unflatten_dict(out)
 

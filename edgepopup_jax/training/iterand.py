@@ -23,7 +23,7 @@ import flax
 import jax
 import jax.numpy as jnp
 
-from edgepopup_jax.core import masking
+from edgepopup_jax.core import masking, transform
 
 MODES = ("bernoulli", "manual")
 FIELDS = ("rerand_every", "rerand_rate", "rerand_mode", "rerand_lambda", "rerand_mu")
@@ -75,13 +75,15 @@ def redraw_key(rng, step):
 def redraw(frozen, masks, fresh, key, *, mode: str, rate: float, lam: float, mu: float):
     """The frozen weights after one redraw. frozen, fresh: {layer: {"kernel": W}}; masks:
     {layer: {"scores": mask}} (selection's, 1 = kept); key: redraw_key(...). Layers without a
-    mask (none here: every frozen kernel is an edge-popup layer's) are left as they are."""
+    mask are left as they are: a transformed model's frozen biases, LayerNorms, position
+    embeddings (core/transform.py; only a layer's "kernel" or "embedding" has a mask)."""
     flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(frozen))
     flat_fresh = flax.traverse_util.flatten_dict(flax.core.unfreeze(fresh))
     flat_masks = flax.traverse_util.flatten_dict(flax.core.unfreeze(masks))
     out = {}
     for i, (path, w) in enumerate(sorted(flat.items())):
-        mask = flat_masks.get(path[:-1] + ("scores",))
+        mask = (flat_masks.get(path[:-1] + ("scores",)) if path[-1] in transform.WEIGHT_LEAVES
+                else None)
         if mask is None:
             out[path] = w
             continue
