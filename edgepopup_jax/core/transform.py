@@ -35,7 +35,6 @@ from typing import Any, Callable, Sequence
 import flax
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from flax.core import lift
