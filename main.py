@@ -33,6 +33,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from edgepopup_jax.training import supervisor
+    from edgepopup_jax.training import loop
     if (supervisor.multi_process(FLAGS.coordinator_address, FLAGS.multihost)
             and not os.environ.get(supervisor.SUPERVISED)):
         # One process of several: run as a child, so that a lost peer, which ends this process
@@ -50,7 +51,7 @@ def main(argv):
         logging.set_verbosity(logging.WARNING)
     logging.info("Config:\n%s", FLAGS.config)
     try:
-        results = parallel.train_config(FLAGS.config, FLAGS.workdir)
+        results = loop.train_config(FLAGS.config, FLAGS.workdir)
     except ValueError as e:  # bad config, data or checkpoint: say what, not a traceback
         logging.error("%s", e)
         print(f"error: {e}", file=sys.stderr)

@@ -19,6 +19,7 @@ from edgepopup_jax.configs import cifar10  # noqa: E402
 from absl import logging  # noqa: E402
 
 from edgepopup_jax.training import input_pipeline, train  # noqa: E402
+from edgepopup_jax.training import loop
 
 
 def find_data_dir(data_dir: str) -> str:
@@ -57,7 +58,7 @@ def main():
 
     logging.set_verbosity(logging.INFO)  # the trainer's progress lines
     pipeline = pipeline_images_per_sec(config)
-    results = train.train_and_evaluate(config, args.workdir)
+    results = loop.train_and_evaluate(config, args.workdir)
     print(f"\nConv4 edge-popup k={args.keep_fraction} on CIFAR-10 ({config.data.data_dir}), "
           f"batch {config.batch_size}, {results['num_devices']} device(s), "
           f"{results['wall_time_sec']:.0f} s wall\n")

@@ -32,6 +32,7 @@ from absl import logging  # noqa: E402
 
 from edgepopup_jax.configs import cifar10, default  # noqa: E402
 from edgepopup_jax.training import parallel, train  # noqa: E402
+from edgepopup_jax.training import loop
 from edgepopup_jax.planning import grid as grid_lib  # noqa: E402
 from edgepopup_jax.planning import sweep  # noqa: E402
 
@@ -68,12 +69,12 @@ def grid_benchmark(args):
             t = time.perf_counter()
             if r is None:
                 results = sweep.run_sweep(base, g, workdir, say=quiet,
-                                          train_fn=functools.partial(train.train_and_evaluate,
+                                          train_fn=functools.partial(loop.train_and_evaluate,
                                                                      devices=jax.devices()[:1]))
             else:
                 results = sweep.run_sweep_parallel(
                     base, g, workdir, parallel_runs=r, say=quiet,
-                    train_group=lambda c, d, say: parallel.train_group(c, d, devices=jax.devices()[:1]))
+                    train_group=lambda c, d, say: loop.train_group(c, d, devices=jax.devices()[:1]))
             seconds = time.perf_counter() - t
         top1 = np.mean([row["top1"] for row in results if row["status"] == "ok"])
         rows.append((name, len(results), seconds, top1))
@@ -110,13 +111,13 @@ def conv_benchmark(args):
         cache = os.path.join(workdir, "cache")
         if args.data_dir and importlib.util.find_spec("tensorflow") is not None:
             tf_config = grid_lib.with_overrides(c, {"data.pipeline": "tf_data"})
-            solo = train.train_and_evaluate(tf_config, os.path.join(workdir, "tf"),
+            solo = loop.train_and_evaluate(tf_config, os.path.join(workdir, "tf"),
                                             devices=jax.devices()[:1])
             rows.append(("alone, tf.data", 1, solo["images_per_sec"]))
         device = grid_lib.with_overrides(c, {"data.pipeline": "device"})
         for r in (1, *args.groups):
             configs = [grid_lib.with_overrides(device, {"seed": s}) for s in range(r)]
-            results = parallel.train_group(configs, [os.path.join(workdir, f"g{r}", str(s))
+            results = loop.train_group(configs, [os.path.join(workdir, f"g{r}", str(s))
                                                      for s in range(r)],
                                            devices=jax.devices()[:1], cache_dir=cache)
             rows.append((f"{'alone' if r == 1 else f'in a group of {r}'}, device data", r,

@@ -68,8 +68,9 @@ def run_case(name: str) -> dict:
     """In this process (its XLA_FLAGS set by the caller): train the case, return its numbers."""
     import jax
     from edgepopup_jax.training import parallel
+    from edgepopup_jax.training import loop
     with tempfile.TemporaryDirectory() as workdir:
-        results = parallel.train_config(config_for(name, workdir), os.path.join(workdir, "run"),
+        results = loop.train_config(config_for(name, workdir), os.path.join(workdir, "run"),
                                         devices=jax.devices())
     return {"losses": [h["loss"] for h in results["train_history"]],
             "top1": results["eval"]["top1"], "state_sha256": results["state_sha256"],

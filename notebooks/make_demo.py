@@ -41,6 +41,7 @@ from IPython.display import Image, display
 import edgepopup_jax as ep
 from edgepopup_jax.configs import cifar10, default
 from edgepopup_jax.training import train
+from edgepopup_jax.training import loop
 from edgepopup_jax.subnet import evaluate, export
 from edgepopup_jax.planning import grid, sweep
 
@@ -80,7 +81,7 @@ else:  # offline or on a CPU: the embedded MNIST-5k, LeNet-300-100
 config.model.keep_fraction = 0.5
 config.model.weight_init = "signed_constant"
 print(config.model.name, "on", config.data.name)
-results = train.train_and_evaluate(config, str(WORKDIR / "main"))
+results = loop.train_and_evaluate(config, str(WORKDIR / "main"))
 print({k: round(v, 4) for k, v in results["eval"].items()})"""),
     md("## Training curves"),
     code("""train_h, eval_h = results["train_history"], results["eval_history"]

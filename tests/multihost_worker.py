@@ -3,7 +3,7 @@
   python tests/multihost_worker.py <coordinator host:port> <num_processes> <process_id> <workdir> <out.json>
 
 Joins the job (gloo CPU collectives), trains the embedded default config for a few steps with
-train.train_and_evaluate and writes this process's results (train history, eval, hashes) to out.json.
+loop.train_and_evaluate and writes this process's results (train history, eval, hashes) to out.json.
 The parent sets XLA_FLAGS (devices per process), the step count, MULTIHOST_STATE_SHARDING and,
 to stop early as a preemption would, MULTIHOST_STOP_AFTER via the environment.
 """
@@ -41,9 +41,10 @@ def main(argv):
     jax.distributed.initialize(coordinator_address=address, num_processes=int(num_processes),
                                process_id=int(process_id), initialization_timeout=120)
     from edgepopup_jax.training import train
+    from edgepopup_jax.training import loop
 
     stop_after = os.environ.get("MULTIHOST_STOP_AFTER")
-    results = train.train_and_evaluate(worker_config(), workdir,
+    results = loop.train_and_evaluate(worker_config(), workdir,
                                        stop_after_steps=int(stop_after) if stop_after else None)
     keep = ("step", "eval", "train_history", "state_sha256", "frozen_sha256", "num_devices",
             "num_processes", "weights_kept", "weights_total", "preempted", "data_order_changed")

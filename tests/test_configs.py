@@ -22,6 +22,7 @@ sys.path.insert(0, str(ROOT))
 
 from edgepopup_jax.core import inits, masking  # noqa: E402
 from edgepopup_jax.training import checkpoint as ckpt_lib  # noqa: E402
+from edgepopup_jax.training import loop
 from edgepopup_jax.training import input_pipeline, optim, train  # noqa: E402
 
 CONFIG_FILES = sorted(p.name for p in (ROOT / "configs").glob("*.py")
@@ -177,7 +178,7 @@ def test_config_trains_one_step(spec, mock_data_dir, tmp_path, fast_compile):
     """train_and_evaluate end to end for one step: finite loss, full eval, exact kept counts."""
     config = cheap(load_config(spec), mock_data_dir)
     t = time.time()
-    results = train.train_and_evaluate(config, str(tmp_path), devices=jax.devices()[:1])
+    results = loop.train_and_evaluate(config, str(tmp_path), devices=jax.devices()[:1])
     print(f"{spec}: {config.model.name} {config.model.mask}: one step + eval in {time.time() - t:.1f} s")
 
     assert results["step"] == 1 and results["total_steps"] == 1 and not results["preempted"]

@@ -12,6 +12,7 @@ sys.path.insert(0, str(ROOT))
 
 from edgepopup_jax.configs import default  # noqa: E402
 from edgepopup_jax.training import train  # noqa: E402
+from edgepopup_jax.training import loop
 from edgepopup_jax.subnet import evaluate, export  # noqa: E402
 
 
@@ -22,7 +23,7 @@ def trained(tmp_path_factory):
     c.num_train_steps = 30
     c.model.weight_init = "kaiming_normal"
     c.model.keep_fraction = 0.3
-    results = train.train_and_evaluate(c, str(workdir), devices=jax.devices()[:1])
+    results = loop.train_and_evaluate(c, str(workdir), devices=jax.devices()[:1])
     return c, workdir, results
 
 

@@ -13,6 +13,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from edgepopup_jax.training import checkpoint as ckpt_lib  # noqa: E402
+from edgepopup_jax.training import loop
 from edgepopup_jax.training import train  # noqa: E402
 from tests.test_train import dir_digest, one_device, small_config  # noqa: E402
 
@@ -26,17 +27,17 @@ def corrupt(step_dir: pathlib.Path) -> None:
 
 def test_on_corrupt_is_checked():
     with pytest.raises(ValueError, match="checkpoint.on_corrupt 'skip'; allowed: fall_back, refuse"):
-        train.train_and_evaluate(small_config(**{"checkpoint.on_corrupt": "skip"}), "/nonexistent",
+        loop.train_and_evaluate(small_config(**{"checkpoint.on_corrupt": "skip"}), "/nonexistent",
                                  devices=one_device())
 
 
 def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous_one_bit_exactly(tmp_path):
     config = small_config(num_train_steps=6, checkpoint_every_steps=2)
-    straight = train.train_and_evaluate(config, str(tmp_path / "straight"), devices=one_device())
+    straight = loop.train_and_evaluate(config, str(tmp_path / "straight"), devices=one_device())
     workdir = tmp_path / "run"
-    train.train_and_evaluate(config, str(workdir), devices=one_device(), stop_after_steps=4)
+    loop.train_and_evaluate(config, str(workdir), devices=one_device(), stop_after_steps=4)
     corrupt(workdir / "checkpoints" / "4")
-    resumed = train.train_and_evaluate(config, str(workdir), devices=one_device())
+    resumed = loop.train_and_evaluate(config, str(workdir), devices=one_device())
     assert resumed["state_sha256"] == straight["state_sha256"]
     assert resumed["corrupt_checkpoint"] == {"corrupt_step": 4, "corrupt_steps": [4], "resumed_from": 2}
     assert (workdir / "checkpoints" / "4.corrupt" / "state").is_dir()  # moved aside, not deleted
@@ -45,12 +46,12 @@ def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous_one_bit_exactly(
 
 def test_every_checkpoint_corrupt_starts_over_and_keeps_them(tmp_path):
     config = small_config(num_train_steps=4, checkpoint_every_steps=2)
-    straight = train.train_and_evaluate(config, str(tmp_path / "straight"), devices=one_device())
+    straight = loop.train_and_evaluate(config, str(tmp_path / "straight"), devices=one_device())
     workdir = tmp_path / "run"
-    train.train_and_evaluate(config, str(workdir), devices=one_device(), stop_after_steps=3)
+    loop.train_and_evaluate(config, str(workdir), devices=one_device(), stop_after_steps=3)
     for step in (2, 3):
         corrupt(workdir / "checkpoints" / str(step))
-    again = train.train_and_evaluate(config, str(workdir), devices=one_device())
+    again = loop.train_and_evaluate(config, str(workdir), devices=one_device())
     assert again["state_sha256"] == straight["state_sha256"]
     assert again["corrupt_checkpoint"] == {"corrupt_step": 3, "corrupt_steps": [3, 2], "resumed_from": None}
     assert {p.name for p in (workdir / "checkpoints").iterdir()} >= {"2.corrupt", "3.corrupt"}
@@ -61,7 +62,7 @@ def test_a_checkpoint_of_another_shape_is_never_taken_for_corrupt(tmp_path):
     refused, not moved aside: falling back would throw away every checkpoint of the run."""
     config = small_config(num_train_steps=4, checkpoint_every_steps=2)
     workdir = tmp_path / "run"
-    train.train_and_evaluate(config, str(workdir), devices=one_device())
+    loop.train_and_evaluate(config, str(workdir), devices=one_device())
     checkpointer = ckpt_lib.Checkpointer(str(workdir / "checkpoints"))
     state, _ = checkpointer.restore_raw()
     template = jax.tree.map(lambda x: jax.numpy.zeros(x.shape[:-1] + (x.shape[-1] + 1,), x.dtype)
@@ -112,7 +113,7 @@ def test_a_full_disk_says_so_keeps_the_good_checkpoints_and_cleans_up_at_the_nex
 
     import orbax.checkpoint as ocp
     config = small_config(num_train_steps=6, checkpoint_every_steps=2)
-    straight = train.train_and_evaluate(config, str(tmp_path / "straight"), devices=one_device())
+    straight = loop.train_and_evaluate(config, str(tmp_path / "straight"), devices=one_device())
     workdir = tmp_path / "run"
     real_save = ocp.CheckpointManager.save
 
@@ -124,12 +125,12 @@ def test_a_full_disk_says_so_keeps_the_good_checkpoints_and_cleans_up_at_the_nex
 
     monkeypatch.setattr(ocp.CheckpointManager, "save", save)
     with pytest.raises(ckpt_lib.DiskFull) as e:
-        train.train_and_evaluate(config, str(workdir), devices=one_device())
+        loop.train_and_evaluate(config, str(workdir), devices=one_device())
     assert str(e.value).startswith(f"the disk is full: checkpoint 4 could not be written to "
                                    f"{workdir / 'checkpoints'}. The latest good checkpoint is step 2")
     assert "run the same command again to resume from step 2" in str(e.value)
     monkeypatch.setattr(ocp.CheckpointManager, "save", real_save)
-    again = train.train_and_evaluate(config, str(workdir), devices=one_device())
+    again = loop.train_and_evaluate(config, str(workdir), devices=one_device())
     assert not list((workdir / "checkpoints").glob("*tmp*"))
     assert again["state_sha256"] == straight["state_sha256"]
 

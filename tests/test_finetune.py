@@ -11,6 +11,7 @@ sys.path.insert(0, str(ROOT))
 from edgepopup_jax.core import selection  # noqa: E402
 from edgepopup_jax.subnet import evaluate, export  # noqa: E402
 from edgepopup_jax.training import checkpoint as ckpt_lib  # noqa: E402
+from edgepopup_jax.training import loop
 from edgepopup_jax.training import parallel, train  # noqa: E402
 from tests.test_parallel import config, losses, one_device  # noqa: E402
 
@@ -31,7 +32,7 @@ def _state(workdir, step):
 
 def test_fine_tuning_trains_only_the_kept_weights_and_exports_them(tmp_path):
     workdir = str(tmp_path / "run")
-    result = parallel.train_group([tuned()], [workdir], devices=one_device())[0]
+    result = loop.train_group([tuned()], [workdir], devices=one_device())[0]
     assert result["step"] == result["total_steps"] == 12
     assert result["finetune"]["steps"] == 4 and result["finetune"]["from_step"] == 8
     before, after = _state(workdir, 8), _state(workdir, 12)
@@ -58,10 +59,10 @@ def test_fine_tuning_trains_only_the_kept_weights_and_exports_them(tmp_path):
 
 @pytest.mark.parametrize("stop_after", [8, 10])  # at the boundary, and mid-fine-tuning
 def test_fine_tuning_resumes_bit_exactly(tmp_path, stop_after):
-    straight = parallel.train_group([tuned()], [str(tmp_path / "a")], devices=one_device())[0]
-    parallel.train_group([tuned()], [str(tmp_path / "b")], devices=one_device(),
+    straight = loop.train_group([tuned()], [str(tmp_path / "a")], devices=one_device())[0]
+    loop.train_group([tuned()], [str(tmp_path / "b")], devices=one_device(),
                          stop_after_steps=stop_after)
-    resumed = parallel.train_group([tuned()], [str(tmp_path / "b")], devices=one_device())[0]
+    resumed = loop.train_group([tuned()], [str(tmp_path / "b")], devices=one_device())[0]
     assert resumed["state_sha256"] == straight["state_sha256"]
     assert losses(resumed).tolist() == losses(straight).tolist()
 
@@ -73,13 +74,13 @@ def test_fine_tuning_resumes_bit_exactly(tmp_path, stop_after):
 ])
 def test_bad_fine_tuning_is_refused_naming_the_fields(tmp_path, overrides, fields):
     with pytest.raises(ValueError) as e:
-        parallel.train_group([tuned(**overrides)], [str(tmp_path / "run")], devices=one_device())
+        loop.train_group([tuned(**overrides)], [str(tmp_path / "run")], devices=one_device())
     assert all(f in str(e.value) for f in fields), str(e.value)
 
 
 def test_the_tf_data_path_refuses_fine_tuning(tmp_path):
     with pytest.raises(ValueError, match="finetune_epochs > 0 trains on the device data path"):
-        train.train_and_evaluate(tuned(**{"data.pipeline": "tf_data"}), str(tmp_path),
+        loop.train_and_evaluate(tuned(**{"data.pipeline": "tf_data"}), str(tmp_path),
                                  devices=one_device())
 
 
@@ -88,4 +89,4 @@ def test_a_pruned_weight_moved_by_fine_tuning_is_caught(tmp_path, monkeypatch):
     from edgepopup_jax.training import finetune
     monkeypatch.setattr(finetune, "masked", lambda tree, mask: tree)
     with pytest.raises(RuntimeError, match="fine-tuning changed a weight its mask prunes"):
-        parallel.train_group([tuned()], [str(tmp_path / "run")], devices=one_device())
+        loop.train_group([tuned()], [str(tmp_path / "run")], devices=one_device())

@@ -16,6 +16,7 @@ sys.path.insert(0, str(ROOT))
 from edgepopup_jax.core import masking  # noqa: E402
 from edgepopup_jax.subnet import evaluate, export  # noqa: E402
 from edgepopup_jax.training import parallel  # noqa: E402
+from edgepopup_jax.training import loop
 from tests.test_parallel import config, one_device  # noqa: E402
 
 ANNEALS = {"off": {}, "linear": {"model.keep_fraction_anneal_epochs": 6 / 62},
@@ -36,7 +37,7 @@ def test_schedules_scopes_and_iterand_train_evaluate_and_export_together(tmp_pat
                          **RERANDS[rerand], **EXTRAS[extra], "seed": i})
                for i, (scope, anneal) in enumerate(rows)]
     dirs = [str(tmp_path / f"{scope}-{anneal}") for scope, anneal in rows]
-    results = parallel.train_group(configs, dirs, devices=one_device())
+    results = loop.train_group(configs, dirs, devices=one_device())
     for (scope, anneal), c, workdir, r in zip(rows, configs, dirs, results):
         assert np.all(np.isfinite([h["loss"] for h in r["train_history"]])), (scope, anneal)
         groups = [r["layers"]] if scope == "global" else [[layer] for layer in r["layers"]]
@@ -61,7 +62,7 @@ def test_schedules_scopes_and_iterand_train_evaluate_and_export_together(tmp_pat
 ])
 def test_nonsense_combinations_are_refused_naming_both_fields(tmp_path, overrides, fields):
     with pytest.raises(ValueError) as e:
-        parallel.train_group([config(**{"model.keep_fraction": 0.3, **overrides})],
+        loop.train_group([config(**{"model.keep_fraction": 0.3, **overrides})],
                              [str(tmp_path / "run")], devices=one_device())
     assert all(f in str(e.value) for f in fields), str(e.value)
     assert not (tmp_path / "run" / "checkpoints").exists()
@@ -76,8 +77,8 @@ def test_nonsense_combinations_are_refused_naming_both_fields(tmp_path, override
 ], ids=["binary", "score_init", "per_layer_k", "bn_affine"])
 def test_each_layer_option_resumes_bit_exactly(tmp_path, overrides):
     c = config(**{"model.keep_fraction": 0.3, "num_train_steps": 8, **overrides})
-    straight = parallel.train_group([c], [str(tmp_path / "a")], devices=one_device())[0]
-    parallel.train_group([c], [str(tmp_path / "b")], devices=one_device(), stop_after_steps=4)
-    resumed = parallel.train_group([c], [str(tmp_path / "b")], devices=one_device())[0]
+    straight = loop.train_group([c], [str(tmp_path / "a")], devices=one_device())[0]
+    loop.train_group([c], [str(tmp_path / "b")], devices=one_device(), stop_after_steps=4)
+    resumed = loop.train_group([c], [str(tmp_path / "b")], devices=one_device())[0]
     assert resumed["state_sha256"] == straight["state_sha256"]
     assert [h["loss"] for h in resumed["train_history"]] == [h["loss"] for h in straight["train_history"]]

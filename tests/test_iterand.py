@@ -14,6 +14,7 @@ sys.path.insert(0, str(ROOT))
 from edgepopup_jax.core import selection  # noqa: E402
 from edgepopup_jax.subnet import export  # noqa: E402
 from edgepopup_jax.training import checkpoint as ckpt_lib  # noqa: E402
+from edgepopup_jax.training import loop
 from edgepopup_jax.training import iterand, parallel, train  # noqa: E402
 from tests.test_parallel import config, one_device  # noqa: E402
 
@@ -72,7 +73,7 @@ def test_a_redraw_in_training_touches_only_the_pruned_weights(tmp_path):
     """One redraw, after the last step (6 of 6): the weights it changed are among those the
     final mask prunes, about rerand_rate of them; the kept ones are bit-identical."""
     c = rerand(**{"num_train_steps": 6, "model.rerand_every": 6})
-    result = parallel.train_group([c], [str(tmp_path / "run")], devices=one_device())[0]
+    result = loop.train_group([c], [str(tmp_path / "run")], devices=one_device())[0]
     _, _, variables, _ = export.training_variables(str(tmp_path / "run"))
     model = train.build_model(c, 10)
     initial = jax.jit(lambda: train.create_state(model, train.make_plan(c, _info(tmp_path, c)).tx,
@@ -95,13 +96,13 @@ def _info(tmp_path, c):
 
 
 def test_iterand_resumes_bit_exactly_and_differs_from_plain_edge_popup(tmp_path):
-    straight = parallel.train_group([rerand()], [str(tmp_path / "a")], devices=one_device())[0]
-    plain = parallel.train_group([rerand(**{"model.rerand_every": 0})], [str(tmp_path / "p")],
+    straight = loop.train_group([rerand()], [str(tmp_path / "a")], devices=one_device())[0]
+    plain = loop.train_group([rerand(**{"model.rerand_every": 0})], [str(tmp_path / "p")],
                                  devices=one_device())[0]
     assert straight["state_sha256"] != plain["state_sha256"]
     assert straight["iterand"]["redraws"] == 4
-    parallel.train_group([rerand()], [str(tmp_path / "b")], devices=one_device(), stop_after_steps=4)
-    resumed = parallel.train_group([rerand()], [str(tmp_path / "b")], devices=one_device())[0]
+    loop.train_group([rerand()], [str(tmp_path / "b")], devices=one_device(), stop_after_steps=4)
+    resumed = loop.train_group([rerand()], [str(tmp_path / "b")], devices=one_device())[0]
     assert resumed["state_sha256"] == straight["state_sha256"]
     assert resumed["iterand"] == straight["iterand"]
 
@@ -115,11 +116,11 @@ def test_a_gradient_reaching_the_weights_is_still_caught(tmp_path, monkeypatch):
 
     monkeypatch.setattr(parallel, "_run_step", leaky)
     with pytest.raises(RuntimeError, match="frozen weights changed between IteRand's redraws"):
-        parallel.train_group([rerand(**{"num_train_steps": 4})], [str(tmp_path / "run")],
+        loop.train_group([rerand(**{"num_train_steps": 4})], [str(tmp_path / "run")],
                              devices=one_device())
 
 
 def test_the_tf_data_path_refuses_iterand(tmp_path):
     with pytest.raises(ValueError, match="model.rerand_every > 0 .IteRand. trains on the device data path"):
-        train.train_and_evaluate(rerand(**{"data.pipeline": "tf_data"}), str(tmp_path),
+        loop.train_and_evaluate(rerand(**{"data.pipeline": "tf_data"}), str(tmp_path),
                                  devices=one_device())

@@ -21,6 +21,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from edgepopup_jax.training import checkpoint as ckpt_lib  # noqa: E402
+from edgepopup_jax.training import loop
 from edgepopup_jax.training import input_pipeline, optim, sharding, train  # noqa: E402
 from test_workdir_lock import alive  # noqa: E402
 
@@ -170,7 +171,7 @@ def test_resume_across_process_counts_says_the_data_order_changed(tmp_path):
     config.num_train_steps = 6
     workdir = tmp_path / "workdir"
     devices = jax.devices()[:NUM_PROCESSES * DEVICES_PER_PROCESS]
-    first = train.train_and_evaluate(config, str(workdir), devices=devices, stop_after_steps=2)
+    first = loop.train_and_evaluate(config, str(workdir), devices=devices, stop_after_steps=2)
     assert first["step"] == 2 and first["data_order_changed"] is None
 
     procs, outs, logs = launch_workers(tmp_path, steps=6, stop_after=2)
@@ -185,7 +186,7 @@ def test_resume_across_process_counts_says_the_data_order_changed(tmp_path):
     meta = ckpt_lib.Checkpointer(str(workdir / "checkpoints")).restore_raw()[1]
     assert meta["process_count"] == 2
 
-    last = train.train_and_evaluate(config, str(workdir), devices=devices)
+    last = loop.train_and_evaluate(config, str(workdir), devices=devices)
     assert last["step"] == 6 and not last["preempted"]
     assert [h["step"] for h in last["train_history"]] == list(range(1, 7))
     assert last["data_order_changed"] == {"step": 4, "process_count_before": 2,

@@ -38,6 +38,7 @@ from edgepopup_jax.core import inits, layers, masking, selection  # noqa: E402
 from edgepopup_jax.models import resnet  # noqa: E402
 from edgepopup_jax.configs import base, default  # noqa: E402
 from edgepopup_jax.training import input_pipeline, optim, train  # noqa: E402
+from edgepopup_jax.training import loop
 from edgepopup_jax.subnet import evaluate, export  # noqa: E402
 
 STEPS = 3
@@ -308,7 +309,7 @@ def test_option_combination_trains_evaluates_and_exports(row, tmp_path):
     c = row_config(row)
     workdir = tmp_path / "run"
     one = jax.devices()[:1]
-    results = train.train_and_evaluate(c, str(workdir), devices=one)
+    results = loop.train_and_evaluate(c, str(workdir), devices=one)
 
     assert results["step"] == STEPS and not results["preempted"]
     losses = [h["loss"] for h in results["train_history"]]
@@ -400,6 +401,6 @@ def test_refused_combination_is_a_clear_error_before_anything_is_written(tmp_pat
         node, leaf = (c, key) if "." not in key else (c[key.split(".")[0]], key.split(".")[1])
         node[leaf] = value
     with pytest.raises(ValueError) as e:
-        train.train_and_evaluate(c, str(tmp_path / "run"), devices=jax.devices()[:1])
+        loop.train_and_evaluate(c, str(tmp_path / "run"), devices=jax.devices()[:1])
     assert message in str(e.value)
     assert not (tmp_path / "run").exists()

@@ -1,4 +1,4 @@
-"""Many runs in one program (parallel.train_group): a run in a group trains as it would alone,
+"""Many runs in one program (loop.train_group): a run in a group trains as it would alone,
 groups resume, a diverging run stops alone, the devices split runs or batches, the sweep groups."""
 import csv
 import json
@@ -14,6 +14,7 @@ import pytest
 
 from edgepopup_jax.configs import default
 from edgepopup_jax.training import parallel
+from edgepopup_jax.training import loop
 from edgepopup_jax.planning import grid, sweep
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -52,7 +53,7 @@ def group_of_four(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("group")
     configs = [config(**o) for o in RUNS]
     dirs = [str(workdir / f"run{i}") for i in range(len(RUNS))]
-    return configs, dirs, parallel.train_group(configs, dirs, devices=one_device())
+    return configs, dirs, loop.train_group(configs, dirs, devices=one_device())
 
 
 def assert_same_run(a, b, rtol=1e-5, top1_atol=1e-3):
@@ -69,7 +70,7 @@ def test_a_run_in_a_group_trains_as_it_would_alone(group_of_four, tmp_path):
     configs, dirs, results = group_of_four
     assert len({r["frozen_sha256"] for r in results}) == 4
     for i, c in enumerate(configs):
-        alone = parallel.train_group([c], [str(tmp_path / f"alone{i}")], devices=one_device())[0]
+        alone = loop.train_group([c], [str(tmp_path / f"alone{i}")], devices=one_device())[0]
         assert_same_run(results[i], alone)
         assert results[i]["group"]["size"] == 4 and alone["group"]["size"] == 1
         saved = json.loads((pathlib.Path(dirs[i]) / "results.json").read_text())
@@ -84,9 +85,9 @@ def test_a_run_in_a_group_trains_as_it_would_alone(group_of_four, tmp_path):
 def test_a_stopped_group_resumes_to_the_same_numbers(group_of_four, tmp_path):
     configs, _, results = group_of_four
     dirs = [str(tmp_path / f"run{i}") for i in range(len(configs))]
-    part = parallel.train_group(configs, dirs, devices=one_device(), stop_after_steps=4)
+    part = loop.train_group(configs, dirs, devices=one_device(), stop_after_steps=4)
     assert all(r["preempted"] and r["step"] == 4 for r in part)
-    rest = parallel.train_group(configs, dirs, devices=one_device())
+    rest = loop.train_group(configs, dirs, devices=one_device())
     for a, b in zip(rest, results):
         assert_same_run(a, b)
         assert a["state_sha256"] == b["state_sha256"]
@@ -97,9 +98,9 @@ def test_group_resumes_from_the_newest_step_all_runs_saved(group_of_four, tmp_pa
     from the step both have, the newer one is set aside (not deleted), and the result is exact."""
     configs, _, results = group_of_four
     configs, dirs = configs[:2], [str(tmp_path / f"run{i}") for i in range(2)]
-    parallel.train_group(configs, dirs, devices=one_device(), stop_after_steps=6)  # saved at 6
-    parallel.train_group(configs[:1], dirs[:1], devices=one_device(), stop_after_steps=3)  # run 0: 9
-    rest = parallel.train_group(configs, dirs, devices=one_device())
+    loop.train_group(configs, dirs, devices=one_device(), stop_after_steps=6)  # saved at 6
+    loop.train_group(configs[:1], dirs[:1], devices=one_device(), stop_after_steps=3)  # run 0: 9
+    rest = loop.train_group(configs, dirs, devices=one_device())
     aside = [p.name for p in (pathlib.Path(dirs[0]) / "checkpoints").iterdir() if "ahead" in p.name]
     assert len(aside) == 1 and aside[0].startswith("9.")
     for a, b in zip(rest, results[:2]):
@@ -110,10 +111,10 @@ def test_a_diverging_run_stops_alone(tmp_path):
     dense = {"model.mask": "dense", "optim.learning_rate": 0.01}
     configs = [config(**dense), config(**{**dense, "seed": 1, "optim.learning_rate": 1e8})]
     dirs = [str(tmp_path / "ok"), str(tmp_path / "diverges")]
-    results = parallel.train_group(configs, dirs, devices=one_device())
+    results = loop.train_group(configs, dirs, devices=one_device())
     assert results[1]["status"] == "diverged" and "diverged at step" in results[1]["message"]
     assert not (pathlib.Path(dirs[1]) / "results.json").exists()
-    alone = parallel.train_group(configs[:1], [str(tmp_path / "alone")], devices=one_device())[0]
+    alone = loop.train_group(configs[:1], [str(tmp_path / "alone")], devices=one_device())[0]
     assert_same_run(results[0], alone)
 
 
@@ -124,7 +125,7 @@ def test_devices_split_the_runs_or_the_batch(group_of_four, tmp_path):
     for split, shape, rtol in (("runs", {"runs": 4, "data": 2}, 1e-3),
                                ("data", {"runs": 1, "data": 8}, 1e-3)):
         split_configs = [grid.with_overrides(c, {"parallel_split": split}) for c in configs]
-        got = parallel.train_group(split_configs, [str(tmp_path / split / f"r{i}") for i in range(4)],
+        got = loop.train_group(split_configs, [str(tmp_path / split / f"r{i}") for i in range(4)],
                                    devices=jax.devices()[:8])
         for a, b in zip(got, results):
             assert a["group"]["mesh"] == shape
@@ -133,7 +134,7 @@ def test_devices_split_the_runs_or_the_batch(group_of_four, tmp_path):
 
 def test_configs_that_cannot_share_a_program_are_refused(tmp_path):
     with pytest.raises(parallel.GroupError, match="batch_size"):
-        parallel.train_group([config(), config(batch_size=32)], [str(tmp_path / "a"), str(tmp_path / "b")])
+        loop.train_group([config(), config(batch_size=32)], [str(tmp_path / "a"), str(tmp_path / "b")])
     with pytest.raises(parallel.GroupError, match="model.mask "):
         parallel.check_group([config(), config(**{"model.mask": "supermask"})])
     with pytest.raises(ValueError, match="parallel_split"):
@@ -141,10 +142,10 @@ def test_configs_that_cannot_share_a_program_are_refused(tmp_path):
     with pytest.raises(ValueError, match="a sweep groups its grid points with --parallel_runs"):
         sweep.check_config(config(parallel_runs=3))  # main.py's seeds field, not a sweep's
     with pytest.raises(ValueError, match="parallel_runs > 1 needs the device data path"):
-        parallel.train_config(config(parallel_runs=2, **{"data.pipeline": "tf_data"}),
+        loop.train_config(config(parallel_runs=2, **{"data.pipeline": "tf_data"}),
                               str(tmp_path / "c"))
     with pytest.raises(ValueError, match="trains in one process with the state replicated"):
-        parallel.train_config(config(state_sharding="fsdp"), str(tmp_path / "d"))
+        loop.train_config(config(state_sharding="fsdp"), str(tmp_path / "d"))
     assert parallel.pipeline_for(config(state_sharding="fsdp", **{"data.pipeline": "auto"})) == "tf_data"
     assert parallel.pipeline_for(config(**{"data.pipeline": "auto"})) == "device"
     assert not (tmp_path / "a").exists()
@@ -157,7 +158,7 @@ def test_sweep_trains_its_grid_in_groups_and_skips_them_when_done(tmp_path):
                    grid.parse_sweep("model.weight_init=kaiming_normal,signed_constant", base)), (0, 1))
     lines = []
     rows = sweep.run_sweep_parallel(base, g, str(tmp_path), parallel_runs=3, say=lines.append,
-                                    train_group=lambda c, d, say: parallel.train_group(
+                                    train_group=lambda c, d, say: loop.train_group(
                                         c, d, devices=one_device(), say=say))
     assert any("8 to train in 3 group(s)" in line for line in lines)
     assert len(rows) == 8 and {r["status"] for r in rows} == {"ok"}
@@ -270,7 +271,7 @@ def test_data_that_does_not_fit_the_device_stays_on_the_host_with_the_same_batch
     configs, _, results = group_of_four
     host = [grid.with_overrides(c, {"data.device_memory_fraction": 1e-9}) for c in configs[:2]]
     lines = []
-    got = parallel.train_group(host, [str(tmp_path / f"r{i}") for i in range(2)],
+    got = loop.train_group(host, [str(tmp_path / f"r{i}") for i in range(2)],
                                devices=one_device(), say=lines.append)
     assert any("the data stays in host memory" in line for line in lines)
     for a, b in zip(got, results[:2]):
@@ -294,7 +295,7 @@ def test_a_group_keeps_each_layers_own_fraction_with_binary_weights(tmp_path):
     sizes = (235_200, 30_000, 1_000)
     expected = [masking.kept_count(n, k) for n, k in zip(sizes, (0.8, 0.2, 0.8))]
     np.testing.assert_array_equal(group.hyper["counts"]["layer"], [expected, expected])
-    results = parallel.train_group(configs, [str(tmp_path / "a"), str(tmp_path / "b")],
+    results = loop.train_group(configs, [str(tmp_path / "a"), str(tmp_path / "b")],
                                    devices=one_device())
     for r in results:
         assert np.all(np.isfinite(losses(r)))

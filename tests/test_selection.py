@@ -18,6 +18,7 @@ sys.path.insert(0, str(ROOT))
 from edgepopup_jax.core import masking, selection  # noqa: E402
 from edgepopup_jax.models import MODEL_NAMES, get_model  # noqa: E402
 from edgepopup_jax.training import evaluation, sharding, train  # noqa: E402
+from edgepopup_jax.training import loop
 
 
 def sort_reference(scores: np.ndarray, keep_fraction: float) -> np.ndarray:
@@ -187,7 +188,7 @@ def test_trainer_runs_the_global_scope(tmp_path):
     c.num_train_steps, c.log_every_steps, c.batch_size = 3, 1, 32
     c.model.mask_scope = "global"
     c.model.keep_fraction = 0.1
-    results = train.train_and_evaluate(c, str(tmp_path), devices=jax.devices()[:2])
+    results = loop.train_and_evaluate(c, str(tmp_path), devices=jax.devices()[:2])
     assert results["weights_kept"] == masking.kept_count(results["weights_total"], 0.1)
     kept = [r["kept"] / r["total"] for r in results["layers"]]
     assert max(kept) - min(kept) > 0.01  # layers keep different fractions: one global threshold

@@ -12,6 +12,7 @@ sys.path.insert(0, str(ROOT))
 
 from edgepopup_jax.configs import default  # noqa: E402
 from edgepopup_jax.training import checkpoint as ckpt_lib  # noqa: E402
+from edgepopup_jax.training import loop
 from edgepopup_jax.training import input_pipeline, sharding, train  # noqa: E402
 from edgepopup_jax.planning import grid  # noqa: E402
 
@@ -68,11 +69,11 @@ def test_fsdp_state_is_split_and_trains_resumes_and_evaluates_as_the_replicated_
     after, _ = steps.train(state, sharding.to_global(batch, mesh))
     assert after.params["fc0"]["scores"].sharding.spec == PartitionSpec("data", None)
 
-    replicated = train.train_and_evaluate(_config(), str(tmp_path / "replicated"), devices=devices)
-    stopped = train.train_and_evaluate(config, str(tmp_path / "fsdp"), devices=devices,
+    replicated = loop.train_and_evaluate(_config(), str(tmp_path / "replicated"), devices=devices)
+    stopped = loop.train_and_evaluate(config, str(tmp_path / "fsdp"), devices=devices,
                                        stop_after_steps=3)
     assert stopped["preempted"] and stopped["step"] == 3
-    resumed = train.train_and_evaluate(config, str(tmp_path / "fsdp"), devices=devices)
+    resumed = loop.train_and_evaluate(config, str(tmp_path / "fsdp"), devices=devices)
     assert resumed["step"] == 6
     # The frozen weights are the same bits; training matches within float tolerance (a split
     # state may let XLA order some sums differently).
@@ -84,9 +85,9 @@ def test_fsdp_state_is_split_and_trains_resumes_and_evaluates_as_the_replicated_
         assert abs(a["top1"] - b["top1"]) <= 0.002 and abs(a["loss"] - b["loss"]) < 1e-4
     assert resumed["weights_kept"] == replicated["weights_kept"] == 133_100
     # A replicated run's checkpoint resumes with the state split (and is the same run).
-    train.train_and_evaluate(_config(), str(tmp_path / "switched"), devices=devices,
+    loop.train_and_evaluate(_config(), str(tmp_path / "switched"), devices=devices,
                              stop_after_steps=3)
-    switched = train.train_and_evaluate(config, str(tmp_path / "switched"), devices=devices)
+    switched = loop.train_and_evaluate(config, str(tmp_path / "switched"), devices=devices)
     np.testing.assert_allclose([h["loss"] for h in switched["train_history"]],
                                [h["loss"] for h in replicated["train_history"]], rtol=1e-5)
     # The checkpoint holds the whole state, readable on one device (as export reads it).

@@ -13,6 +13,7 @@ sys.path.insert(0, str(ROOT))
 from edgepopup_jax.core import masking  # noqa: E402
 from edgepopup_jax.subnet import export  # noqa: E402
 from edgepopup_jax.training import parallel, sparsity, train  # noqa: E402
+from edgepopup_jax.training import loop
 from tests.test_parallel import config, losses, one_device  # noqa: E402
 
 FC_SIZES = (784 * 300, 300 * 100, 100 * 10)  # the default FC's score arrays, in selection order
@@ -76,11 +77,11 @@ def test_the_groups_counts_are_each_steps_exact_counts(tmp_path):
 
 
 def test_a_scheduled_run_takes_each_steps_k_and_resumes_bit_exactly(tmp_path):
-    dense_first = parallel.train_group([config(**{"model.keep_fraction": 1.0})], [str(tmp_path / "k1")],
+    dense_first = loop.train_group([config(**{"model.keep_fraction": 1.0})], [str(tmp_path / "k1")],
                                        devices=one_device())[0]
-    fixed = parallel.train_group([config(**{"model.keep_fraction": 0.3})], [str(tmp_path / "k03")],
+    fixed = loop.train_group([config(**{"model.keep_fraction": 0.3})], [str(tmp_path / "k03")],
                                  devices=one_device())[0]
-    straight = parallel.train_group([annealed()], [str(tmp_path / "straight")], devices=one_device())[0]
+    straight = loop.train_group([annealed()], [str(tmp_path / "straight")], devices=one_device())[0]
     # Step 1 runs at k = 1.0, as a run that keeps everything; later steps at smaller k differ.
     assert losses(straight)[0] == losses(dense_first)[0]
     assert losses(straight)[1] != losses(dense_first)[1]
@@ -91,26 +92,26 @@ def test_a_scheduled_run_takes_each_steps_k_and_resumes_bit_exactly(tmp_path):
     assert straight["weights_kept"] == sum(masking.kept_count(n, 0.3) for n in FC_SIZES)
 
     workdir = str(tmp_path / "resumed")
-    part = parallel.train_group([annealed()], [workdir], devices=one_device(), stop_after_steps=3)[0]
+    part = loop.train_group([annealed()], [workdir], devices=one_device(), stop_after_steps=3)[0]
     # Stopped mid-anneal: the kept counts checked and reported are those of step 3's k.
     assert [layer["kept"] for layer in part["layers"]] == [masking.kept_count(n, 0.65) for n in FC_SIZES]
     name, options, _, meta = export.training_variables(workdir)
     assert meta["keep_fraction"] == pytest.approx(0.65) and options["keep_fraction"] == pytest.approx(0.65)
     assert "keep_fraction_anneal_epochs" not in options
-    rest = parallel.train_group([annealed()], [workdir], devices=one_device())[0]
+    rest = loop.train_group([annealed()], [workdir], devices=one_device())[0]
     assert rest["state_sha256"] == straight["state_sha256"]
     assert losses(rest).tolist() == losses(straight).tolist()
 
 
 def test_a_constant_schedule_is_the_fixed_keep_fraction(tmp_path):
-    fixed = parallel.train_group([config(**{"model.keep_fraction": 0.3})], [str(tmp_path / "a")],
+    fixed = loop.train_group([config(**{"model.keep_fraction": 0.3})], [str(tmp_path / "a")],
                                  devices=one_device())[0]
-    constant = parallel.train_group([annealed(**{"model.keep_fraction_start": 0.3})],
+    constant = loop.train_group([annealed(**{"model.keep_fraction_start": 0.3})],
                                     [str(tmp_path / "b")], devices=one_device())[0]
     assert constant["state_sha256"] == fixed["state_sha256"]
 
 
 def test_the_tf_data_path_refuses_a_schedule(tmp_path):
     with pytest.raises(ValueError, match="keep_fraction_anneal_epochs > 0 .* data.pipeline='device'"):
-        train.train_and_evaluate(annealed(**{"data.pipeline": "tf_data"}), str(tmp_path),
+        loop.train_and_evaluate(annealed(**{"data.pipeline": "tf_data"}), str(tmp_path),
                                  devices=one_device())

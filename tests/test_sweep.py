@@ -13,6 +13,7 @@ import pytest
 
 from edgepopup_jax.configs import default
 from edgepopup_jax.training import train
+from edgepopup_jax.training import loop
 from edgepopup_jax.planning import grid as grid_lib
 from edgepopup_jax.planning import paper_figures, sweep
 
@@ -36,7 +37,7 @@ def two_by_two(config):
 def test_sweep_stops_resumes_skips_and_tabulates(tmp_path):
     config, lines = small_default(), []
     grid = two_by_two(config)
-    one_device = functools.partial(train.train_and_evaluate, devices=jax.devices()[:1])
+    one_device = functools.partial(loop.train_and_evaluate, devices=jax.devices()[:1])
 
     # Killed during its first run: the trainer saves a checkpoint at step 20 and the sweep stops.
     with pytest.raises(sweep.Stopped, match="rerun the same command"):

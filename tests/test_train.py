@@ -19,6 +19,7 @@ sys.path.insert(0, str(ROOT))
 
 from edgepopup_jax.configs import default  # noqa: E402
 from edgepopup_jax.training import checkpoint as ckpt_lib  # noqa: E402
+from edgepopup_jax.training import loop
 from edgepopup_jax.training import evaluation, input_pipeline, train  # noqa: E402
 from edgepopup_jax.planning import grid  # noqa: E402
 
@@ -55,7 +56,7 @@ def dir_digest(path):
 def test_default_config_learns_mnist5k(tmp_path):
     c = default.get_config()
     c.num_epochs = 3
-    results = train.train_and_evaluate(c, str(tmp_path), devices=one_device())
+    results = loop.train_and_evaluate(c, str(tmp_path), devices=one_device())
     assert results["eval"]["count"] == 1000
     assert results["eval"]["top1"] > 0.85, results["eval"]
     assert results["weights_kept"] == 133_100 and results["weights_total"] == 266_200
@@ -71,11 +72,11 @@ def test_resumed_run_ends_in_exactly_the_uninterrupted_state(tmp_path):
     """Stopped at an eval step (saved before its evaluation) and resumed: the same state, and a
     results.json equal to the uninterrupted run's but for wall-clock fields, history included."""
     c = small_config(**{"num_train_steps": 10, "checkpoint_every_steps": 4, "eval_every_steps": 5})
-    straight = train.train_and_evaluate(c, str(tmp_path / "straight"), devices=one_device())
-    part = train.train_and_evaluate(c, str(tmp_path / "resumed"), devices=one_device(),
+    straight = loop.train_and_evaluate(c, str(tmp_path / "straight"), devices=one_device())
+    part = loop.train_and_evaluate(c, str(tmp_path / "resumed"), devices=one_device(),
                                     stop_after_steps=5)
     assert part["preempted"] and part["step"] == 5
-    rest = train.train_and_evaluate(c, str(tmp_path / "resumed"), devices=one_device())
+    rest = loop.train_and_evaluate(c, str(tmp_path / "resumed"), devices=one_device())
     assert rest["step"] == 10 and [h["step"] for h in rest["train_history"]] == list(range(1, 11))
     assert [e["step"] for e in rest["eval_history"]] == [5, 10]
     assert rest["state_sha256"] == straight["state_sha256"]
@@ -86,14 +87,14 @@ def test_resumed_run_ends_in_exactly_the_uninterrupted_state(tmp_path):
         for key in WALL_CLOCK:
             r.pop(key)
     assert saved["resumed"] == saved["straight"]
-    again = train.train_and_evaluate(c, str(tmp_path / "resumed"), devices=one_device())
+    again = loop.train_and_evaluate(c, str(tmp_path / "resumed"), devices=one_device())
     assert again["step"] == 10 and again["train_history"] == straight["train_history"]
     assert again["eval"] == straight["eval"] and again["eval_history"] == straight["eval_history"]
 
 
 def test_frozen_weights_do_not_change_and_kept_counts_are_exact(tmp_path):
     c = small_config(**{"model.keep_fraction": 0.3})
-    results = train.train_and_evaluate(c, str(tmp_path), devices=one_device())
+    results = loop.train_and_evaluate(c, str(tmp_path), devices=one_device())
     for layer in results["layers"]:
         assert layer["kept"] == layer["total"] - int(0.7 * layer["total"])
     # The saved final state: frozen bit-identical to a fresh init from the seed, scores moved.
@@ -122,7 +123,7 @@ def test_frozen_weights_do_not_change_and_kept_counts_are_exact(tmp_path):
 def test_bad_config_fails_before_writing(tmp_path, override, message):
     c = small_config(**override)
     with pytest.raises(ValueError, match=None) as e:
-        train.train_and_evaluate(c, str(tmp_path / "run"), devices=one_device())
+        loop.train_and_evaluate(c, str(tmp_path / "run"), devices=one_device())
     assert message in str(e.value)
     assert not (tmp_path / "run" / "checkpoints").exists()
 
@@ -130,7 +131,7 @@ def test_bad_config_fails_before_writing(tmp_path, override, message):
 def _trained_workdir(tmp_path, **overrides):
     workdir = tmp_path / "run"
     c = small_config(**{"num_train_steps": 4, "checkpoint_every_steps": 2, **overrides})
-    train.train_and_evaluate(c, str(workdir), devices=one_device())
+    loop.train_and_evaluate(c, str(workdir), devices=one_device())
     return c, workdir
 
 
@@ -139,7 +140,7 @@ def test_incompatible_checkpoint_is_refused_and_left_untouched(tmp_path):
     before = dir_digest(workdir / "checkpoints")
     other = small_config(**{"num_train_steps": 6, "model.keep_fraction": 0.3})
     with pytest.raises(ckpt_lib.CheckpointError, match="keep_fraction"):
-        train.train_and_evaluate(other, str(workdir), devices=one_device())
+        loop.train_and_evaluate(other, str(workdir), devices=one_device())
     assert dir_digest(workdir / "checkpoints") == before
 
 
@@ -152,7 +153,7 @@ def test_corrupt_checkpoint_is_refused_and_left_untouched(tmp_path):
     before = dir_digest(workdir / "checkpoints")
     c.num_train_steps = 6
     with pytest.raises(ckpt_lib.CheckpointError, match="checkpoint 4"):
-        train.train_and_evaluate(c, str(workdir), devices=one_device())
+        loop.train_and_evaluate(c, str(workdir), devices=one_device())
     assert dir_digest(workdir / "checkpoints") == before
 
 
@@ -189,7 +190,7 @@ def test_sigterm_saves_a_restorable_checkpoint_and_exits_cleanly(tmp_path):
     c.num_train_steps = saved + 2
     c.log_every_steps = 1
     # same config as the killed run except the length: the schedule changes, the checkpoint fits
-    resumed = train.train_and_evaluate(c, str(tmp_path), devices=one_device())
+    resumed = loop.train_and_evaluate(c, str(tmp_path), devices=one_device())
     assert [h["step"] for h in resumed["train_history"]][-2:] == [saved + 1, saved + 2]
     assert resumed["train_history"][0]["step"] == 5  # the killed run's history, kept
     shutil.rmtree(tmp_path)
@@ -216,10 +217,10 @@ def test_any_device_count_trains_evaluates_checkpoints_and_resumes(tmp_path, mod
     evals = {}
     for n in device_counts:
         workdir = str(tmp_path / f"d{n}")
-        part = train.train_and_evaluate(c, workdir, devices=jax.devices()[:n], stop_after_steps=3)
+        part = loop.train_and_evaluate(c, workdir, devices=jax.devices()[:n], stop_after_steps=3)
         assert part["preempted"] and part["step"] == 3 and part["num_devices"] == n
         assert part["eval"]["count"] == 1000  # the eval at step 2
-        rest = train.train_and_evaluate(c, workdir, devices=jax.devices()[:n])
+        rest = loop.train_and_evaluate(c, workdir, devices=jax.devices()[:n])
         assert rest["step"] == 4 and [h["step"] for h in rest["train_history"]] == [1, 2, 3, 4]
         assert rest["eval"]["count"] == 1000 and rest["data_order_changed"] is None
         evals[n] = rest
@@ -243,12 +244,12 @@ def test_eval_batch_is_split_for_any_mesh():
 def test_train_batch_that_cannot_split_is_refused_before_writing(tmp_path):
     c = small_config(batch_size=50)
     with pytest.raises(ValueError) as e:
-        train.train_and_evaluate(c, str(tmp_path / "run"), devices=jax.devices()[:8])
+        loop.train_and_evaluate(c, str(tmp_path / "run"), devices=jax.devices()[:8])
     assert "8 devices" in str(e.value) and "48 or 56" in str(e.value)
     assert not (tmp_path / "run").exists()
     c = small_config(batch_size=4)
     with pytest.raises(ValueError, match="nearest that work are 8"):
-        train.train_and_evaluate(c, str(tmp_path / "run"), devices=jax.devices()[:8])
+        loop.train_and_evaluate(c, str(tmp_path / "run"), devices=jax.devices()[:8])
     assert not (tmp_path / "run").exists()
 
 
@@ -260,11 +261,11 @@ def test_epoch_checkpoint_is_saved_before_evaluation(tmp_path, monkeypatch):
 
     monkeypatch.setattr(evaluation, "evaluate", broken_evaluation)
     with pytest.raises(RuntimeError, match="evaluation failed"):
-        train.train_and_evaluate(c, str(tmp_path), devices=one_device())
+        loop.train_and_evaluate(c, str(tmp_path), devices=one_device())
     # The epoch's training is not lost: its checkpoint was written before the evaluation.
     assert ckpt_lib.Checkpointer(str(tmp_path / "checkpoints")).latest_step() == 2
     monkeypatch.undo()
-    resumed = train.train_and_evaluate(c, str(tmp_path), devices=one_device())
+    resumed = loop.train_and_evaluate(c, str(tmp_path), devices=one_device())
     assert [h["step"] for h in resumed["train_history"]] == [1, 2, 3, 4]
     assert [e["step"] for e in resumed["eval_history"]] == [2, 4]  # step 2's evaluation rerun
 
@@ -272,25 +273,25 @@ def test_epoch_checkpoint_is_saved_before_evaluation(tmp_path, monkeypatch):
 def test_checkpoint_from_before_an_added_model_option_still_resumes(tmp_path):
     """Checkpoints written before `model.mask_scope` existed belong to a mask_scope='layer' run."""
     c = small_config(**{"num_train_steps": 4, "checkpoint_every_steps": 2})
-    train.train_and_evaluate(c, str(tmp_path), devices=one_device(), stop_after_steps=2)
+    loop.train_and_evaluate(c, str(tmp_path), devices=one_device(), stop_after_steps=2)
     meta_file = next((tmp_path / "checkpoints" / "2" / "meta").rglob("*"))
     import json
     meta = json.loads(meta_file.read_text())
     del meta["model"]["mask_scope"]  # as an older checkpoint's meta
     meta_file.write_text(json.dumps(meta))
-    rest = train.train_and_evaluate(c, str(tmp_path), devices=one_device())
+    rest = loop.train_and_evaluate(c, str(tmp_path), devices=one_device())
     assert rest["step"] == 4
     c.model.mask_scope = "global"
     c.num_train_steps = 6
     with pytest.raises(ckpt_lib.CheckpointError, match="mask_scope"):
-        train.train_and_evaluate(c, str(tmp_path), devices=one_device())
+        loop.train_and_evaluate(c, str(tmp_path), devices=one_device())
 
 
 def test_divergence_stops_the_run_and_is_never_saved(tmp_path):
     c = small_config(**{"model.mask": "dense", "optim.learning_rate": 1e12, "num_train_steps": 40,
                         "log_every_steps": 10, "checkpoint_every_steps": 5})
     with pytest.raises(train.TrainingDiverged, match=r"training diverged at step \d+") as e:
-        train.train_and_evaluate(c, str(tmp_path), devices=one_device())
+        loop.train_and_evaluate(c, str(tmp_path), devices=one_device())
     bad_step = int(str(e.value).split("step ")[1].split(":")[0])
     latest = ckpt_lib.Checkpointer(str(tmp_path / "checkpoints")).latest_step()
     assert latest is None or latest < bad_step
@@ -314,14 +315,14 @@ def test_cli_exits_1_with_a_message_when_training_diverges(tmp_path):
 def test_supermask_sample_evaluation_runs_and_is_deterministic(tmp_path):
     c = small_config(**{"model.mask": "supermask", "model.supermask_eval": "sample",
                         "num_train_steps": 2})
-    first = train.train_and_evaluate(c, str(tmp_path / "a"), devices=one_device())
-    again = train.train_and_evaluate(c, str(tmp_path / "b"), devices=jax.devices()[:2])
+    first = loop.train_and_evaluate(c, str(tmp_path / "a"), devices=one_device())
+    again = loop.train_and_evaluate(c, str(tmp_path / "b"), devices=jax.devices()[:2])
     assert first["eval"]["count"] == 1000 and 0 <= first["eval"]["top1"] <= 1
     np.testing.assert_allclose(first["eval"]["loss"], again["eval"]["loss"], rtol=1e-5)
     # The same trained state evaluated as a sample is neither its threshold mask nor its
     # expectation, which a stub for either would be.
     for other in ("threshold", "expectation"):
-        o = train.train_and_evaluate(grid.with_overrides(c, {"model.supermask_eval": other}),
+        o = loop.train_and_evaluate(grid.with_overrides(c, {"model.supermask_eval": other}),
                                      str(tmp_path / other), devices=one_device())
         assert o["state_sha256"] == first["state_sha256"]  # the eval mode does not train
         assert abs(o["eval"]["loss"] - first["eval"]["loss"]) > 1e-4 * first["eval"]["loss"], other
@@ -341,7 +342,7 @@ def test_flipped_byte_in_a_checkpoint_is_caught_by_its_checksum(tmp_path):
     # where the damaged index still parses but names other shapes, as not this model's.)
     with pytest.raises(ckpt_lib.CheckpointError,
                        match="checkpoint 4 .*(corrupted|unreadable|could not be restored)"):
-        train.train_and_evaluate(c, str(workdir), devices=one_device())
+        loop.train_and_evaluate(c, str(workdir), devices=one_device())
     assert dir_digest(workdir / "checkpoints") == before
 
 
@@ -367,7 +368,7 @@ def test_checksum_mismatch_is_refused(tmp_path):
     meta_file.write_text(json.dumps(meta))
     c.num_train_steps = 6
     with pytest.raises(ckpt_lib.CheckpointError, match="checkpoint 4 .* is corrupted") as e:
-        train.train_and_evaluate(c, str(workdir), devices=one_device())
+        loop.train_and_evaluate(c, str(workdir), devices=one_device())
     assert "checksum" in str(e.value)
 
 
@@ -465,7 +466,7 @@ def test_resume_from_a_periodic_asynchronous_checkpoint_is_bit_identical(tmp_pat
                         "batch_size": 16, "data.augment": "cifar", "model.name": "cifar_resnet18",
                         "model.width": 0.0625, "model.stage_sizes": [1], "model.mask": "supermask",
                         "optim.learning_rate": 10.0})
-    straight = train.train_and_evaluate(c, str(tmp_path / "straight"), devices=one_device())
+    straight = loop.train_and_evaluate(c, str(tmp_path / "straight"), devices=one_device())
     real_iterator = train.input_pipeline.train_iterator
 
     def dies_at_step_6(*args, **kwargs):
@@ -483,11 +484,11 @@ def test_resume_from_a_periodic_asynchronous_checkpoint_is_bit_identical(tmp_pat
     monkeypatch.setattr(train.input_pipeline, "train_iterator", dies_at_step_6)
     monkeypatch.setattr(ckpt_lib.Checkpointer, "save", recorded_save)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        train.train_and_evaluate(c, str(tmp_path / "resumed"), devices=one_device())
+        loop.train_and_evaluate(c, str(tmp_path / "resumed"), devices=one_device())
     assert saves == [(2, False), (4, False)]  # periodic saves only, no forced one at the stop
     assert ckpt_lib.Checkpointer(str(tmp_path / "resumed" / "checkpoints")).latest_step() == 4
     monkeypatch.undo()
-    rest = train.train_and_evaluate(c, str(tmp_path / "resumed"), devices=one_device())
+    rest = loop.train_and_evaluate(c, str(tmp_path / "resumed"), devices=one_device())
     assert rest["step"] == 6 and [h["step"] for h in rest["train_history"]] == list(range(1, 7))
     assert rest["state_sha256"] == straight["state_sha256"]
     np.testing.assert_array_equal(losses(rest), losses(straight))

@@ -11,6 +11,7 @@ import time
 import pytest
 
 from edgepopup_jax.training import checkpoint as ckpt_lib
+from edgepopup_jax.training import loop
 from edgepopup_jax.training import supervisor, workdir_lock
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -221,7 +222,7 @@ def test_a_group_refuses_when_any_of_its_runs_is_held_and_touches_none(tmp_path,
     configs, workdirs = parallel.seed_workdirs(config, str(tmp_path))
     holder(workdirs[1])
     with pytest.raises(workdir_lock.WorkdirBusy, match="seed_1 is in use by another training"):
-        parallel.train_group(configs, workdirs)
+        loop.train_group(configs, workdirs)
     assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == [
         "seed_1", "seed_1/.lock.process0"]  # the holder's; seed_0, locked first, left no trace
     assert not any(workdir_lock.holds(w) for w in workdirs)

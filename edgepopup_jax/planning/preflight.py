@@ -3,7 +3,7 @@
   python -m edgepopup_jax.planning.preflight --config=configs/imagenet_wrn50.py --target=tpu:v5e:2x4
   python -m edgepopup_jax.planning.preflight --config=configs/imagenet_resnet50.py --target=gpu:h100:8
   python -m edgepopup_jax.planning.preflight --config=configs/cifar10.py:conv4 --target=gpu:h100:1 \\
-      --parallel_runs=50        # a group of 50 runs in one program (parallel.train_group)
+      --parallel_runs=50        # a group of 50 runs in one program (loop.train_group)
 
 Compiles the trainer's own train and eval steps (train.make_steps: the same functions, shardings,
 dtypes and donation as a run) ahead of time for the target's devices, and prints per device:
@@ -26,6 +26,7 @@ import warnings
 import jax
 import ml_collections
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from edgepopup_jax.training import command, input_pipeline, sharding, train
 from edgepopup_jax.planning import targets
@@ -397,38 +398,55 @@ def _group(config, runs: int, info):
     return parallel.make_group(configs, info)
 
 
+def _abstract_device_source(group, mesh, with_sharding: bool = True):
+    """A device source's step argument (the data set on every device, every run's permutation
+    and seed), abstract, placed as loop.train_group places it: (source, item)."""
+    from edgepopup_jax.training import sources
+    runs = NamedSharding(mesh, PartitionSpec(sources.RUNS_AXIS)) if with_sharding else None
+    repl = NamedSharding(mesh, PartitionSpec()) if with_sharding else None
+    config, info, r = group.configs[0], group.info, group.size
+    n, shape = info.num_train, tuple(info.image_shape)
+    batches = functools.partial(sources.gather_batches, steps_per_epoch=group.steps_per_epoch,
+                                batch_size=config.batch_size, augment=config.data.augment)
+    item = {"image": _spec((n,) + shape, np.uint8, repl), "label": _spec((n,), np.int32, repl),
+            "permutations": _spec((r, n), np.int32, runs), "seed": _spec((r,), np.int32, runs)}
+    source = sources.DeviceSource(None, None, None, lambda it, step: batches(
+        it["image"], it["label"], it["permutations"], it["seed"], step),
+        jax.tree.map(lambda x: x.sharding, item), False, n)
+    return source, item
+
+
+def _spec(shape, dtype, where):
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=where)
+
+
 def _group_arguments(group, mesh, with_sharding: bool = True):
-    """Abstract (states, alive, permutations, step, data) of a group's train step, and the eval
-    step's (variables, counts, eval_data), placed as parallel.train_group places them."""
-    from edgepopup_jax.training import parallel
-    from jax.sharding import NamedSharding, PartitionSpec
+    """Abstract (states, alive, item, step, hyper) of a group's train step, and the eval
+    step's (folded variables, eval chunk), placed as loop.train_group places them."""
+    from edgepopup_jax.training import parallel, step as step_lib
     runs = NamedSharding(mesh, PartitionSpec(parallel.RUNS_AXIS)) if with_sharding else None
     repl = NamedSharding(mesh, PartitionSpec()) if with_sharding else None
     config, info, r = group.configs[0], group.info, group.size
-
-    def spec(shape, dtype, where):
-        return jax.ShapeDtypeStruct(shape, dtype, sharding=where)
-
-    steps = parallel.make_steps(group, mesh)
+    source, item = _abstract_device_source(group, mesh, with_sharding)
+    steps = step_lib.make_steps(group, mesh, source, config.state_sharding)
     one = jax.eval_shape(steps.init[0], 0)
-    states = jax.tree.map(lambda x: spec((r,) + x.shape, x.dtype, runs), one)
-    n, shape = info.num_train, tuple(info.image_shape)
-    data = {"image": spec((n,) + shape, np.uint8, repl), "label": spec((n,), np.int32, repl),
-            "seed": spec((r,), np.int32, runs), "learning_rate": spec((r,), np.float32, runs),
-            "weight_decay": spec((r,), np.float32, runs),
-            "counts": {scope: spec(c.shape, np.int32, runs)
-                       for scope, c in group.hyper["counts"].items()},
-            "global": spec((r,), np.bool_, runs)}
-    train_args = (states, spec((r,), np.bool_, runs), spec((r, n), np.int32, runs),
-                  spec((), np.int32, repl), data)
+    states = jax.tree.map(lambda x: _spec((r,) + x.shape, x.dtype, runs), one)
+    shape = tuple(info.image_shape)
+    hyper = {"learning_rate": _spec((r,), np.float32, runs),
+             "weight_decay": _spec((r,), np.float32, runs),
+             "counts": {scope: _spec(c.shape, np.int32, runs)
+                        for scope, c in group.hyper["counts"].items()},
+             "global": _spec((r,), np.bool_, runs)}
+    train_args = (states, _spec((r,), np.bool_, runs), item, _spec((), np.int32, repl), hyper)
     eval_batch = config.get("eval_batch_size") or config.batch_size
     nb = -(-info.num_eval // eval_batch)
-    eval_data = {"image": spec((nb, eval_batch) + shape, np.uint8, repl),
-                 "label": spec((nb, eval_batch), np.int32, repl),
-                 "valid": spec((nb, eval_batch), np.float32, repl)}
+    eval_data = {"image": _spec((nb, eval_batch) + shape, np.uint8, repl),
+                 "label": _spec((nb, eval_batch), np.int32, repl),
+                 "valid": _spec((nb, eval_batch), np.float32, repl)}
     variables = {k: getattr(states, k) for k in ("params", "frozen", "batch_stats")}
-    hyper = {k: data[k] for k in parallel.HYPER}
-    return steps, train_args, (variables, hyper, eval_data)
+    folded = jax.eval_shape(steps.fold, variables, hyper)
+    folded = jax.tree.map(lambda x: _spec(x.shape, x.dtype, runs), folded)
+    return steps, train_args, (folded, eval_data)
 
 
 def compile_group(config, runs: int, target: targets.Target, info=None):
@@ -455,8 +473,8 @@ def group_flops(group) -> float:
     total = 0.0
     for config in group.configs:
         one = parallel.make_group([config], group.info)
-        _, train_args, _ = _group_arguments(one, cpu, with_sharding=False)
-        fn = jax.jit(functools.partial(parallel.group_step, group=one, mesh=cpu))
+        steps, train_args, _ = _group_arguments(one, cpu, with_sharding=False)
+        fn = steps.train
         key = json.dumps({k: v for k, v in config.to_dict().items() if k != "seed"},
                          sort_keys=True, default=str)
         if key not in _FLOPS:  # runs differing only in seed do the same arithmetic

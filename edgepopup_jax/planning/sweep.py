@@ -27,6 +27,7 @@ import ml_collections
 from etils import epath
 
 from edgepopup_jax.training import command, files, optim, parallel, train, workdir_lock
+from edgepopup_jax.training import loop
 from edgepopup_jax.planning import grid as grid_lib
 from edgepopup_jax.planning import paper_figures, sweep_plot
 
@@ -171,7 +172,7 @@ def _finish(workdir, grid, base, known: dict, num_runs: int, say) -> list[dict]:
 
 def run_sweep(base: ml_collections.ConfigDict, grid: grid_lib.Grid, workdir: str, *, worker: int = 0,
               num_workers: int = 1, say: Callable[[str], None] = print,
-              train_fn=parallel.train_config) -> list[dict]:
+              train_fn=loop.train_config) -> list[dict]:
     """Trains this worker's runs of the grid that have not finished, one after another (each on
     the pipeline its config resolves to); returns all finished rows.
 
@@ -227,10 +228,10 @@ def run_sweep_parallel(base: ml_collections.ConfigDict, grid: grid_lib.Grid, wor
                        parallel_runs: int, worker: int = 0, num_workers: int = 1,
                        say: Callable[[str], None] = print, train_group=None) -> list[dict]:
     """run_sweep with up to parallel_runs runs trained at once, as one program on the device
-    data path (parallel.train_group): the unfinished runs of this worker are grouped by what
+    data path (loop.train_group): the unfinished runs of this worker are grouped by what
     they share, and each group trains, checkpoints and resumes as one. Every run still gets its
     own directory, results.json and CSV row, as with run_sweep."""
-    train_group = train_group or parallel.train_group
+    train_group = train_group or loop.train_group
     if parallel_runs < 1:
         raise ValueError(f"--parallel_runs must be >= 1, got {parallel_runs}")
     runs, configs, mine, known = _start(base, grid, workdir, worker, num_workers)

@@ -71,7 +71,7 @@ def state_shardings(abstract_tree, mesh: Mesh, mode: str):
     dimension that the device count divides (ties: the first); arrays with no such dimension,
     and small ones, stay replicated."""
     check_state_sharding(mode)
-    n = mesh.devices.size
+    n = mesh.shape[DATA_AXIS]
 
     def one(leaf):
         dims = [i for i, size in enumerate(leaf.shape) if size % n == 0]
@@ -137,5 +137,9 @@ def eval_batch_sizes(eval_batch_size: int, mesh: Mesh) -> tuple[int, int]:
 
 def to_global(local_batch: dict, mesh: Mesh) -> dict:
     """Host-local numpy arrays (this process's rows) -> global jax.Arrays sharded on `data`."""
-    sharding = batch_sharded(mesh)
+    return to_global_on(local_batch, batch_sharded(mesh))
+
+
+def to_global_on(local_batch: dict, sharding: NamedSharding) -> dict:
+    """Host-local numpy arrays (this process's share) -> global jax.Arrays placed by sharding."""
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), local_batch)
