@@ -23,7 +23,7 @@ from absl import logging
 from jax.sharding import Mesh
 
 from edgepopup_jax.core import masking, selection
-from edgepopup_jax.training import device_data, finetune, input_pipeline, sparsity, train
+from edgepopup_jax.training import device_data, finetune, input_pipeline, sharding, sparsity, train
 
 RUNS_AXIS, DATA_AXIS = "runs", "data"
 # The config fields the runs of one group may differ in; every other field must be equal.
@@ -80,10 +80,11 @@ def make_mesh(num_runs: int, batch_size: int, devices=None, split: str = "runs")
     several = len({d.process_index for d in devices.flat}) > 1
     on_runs = math.gcd(num_runs, n) if split == "runs" and not several else 1
     on_data = n // on_runs
-    if batch_size % on_data:
+    if batch_size <= 0 or batch_size % on_data:
         raise ValueError(f"batch_size {batch_size} cannot be split over the {on_data} devices of the "
-                         f"data axis ({n} devices, {on_runs} on the runs axis): use a multiple of "
-                         f"{on_data}")
+                         f"data axis ({n} devices, {on_runs} on the runs axis): it must be a positive "
+                         f"multiple of {on_data}; the nearest that work are "
+                         f"{sharding.nearest_multiples(max(batch_size, 1), on_data)}")
     return Mesh(devices.reshape(on_runs, on_data), (RUNS_AXIS, DATA_AXIS))
 
 

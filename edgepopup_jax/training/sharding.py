@@ -105,7 +105,7 @@ def local_device_count(mesh: Mesh) -> int:
     return sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
 
 
-def _nearest_multiples(value: int, n: int) -> str:
+def nearest_multiples(value: int, n: int) -> str:
     below, above = value // n * n, (value // n + 1) * n
     return f"{below} or {above}" if below > 0 else f"{above}"
 
@@ -118,7 +118,7 @@ def local_batch_size(global_batch_size: int, mesh: Mesh) -> int:
         raise ValueError(
             f"batch_size {global_batch_size} cannot be split over {n} devices ({p} processes): it "
             f"must be a positive multiple of {n}; the nearest that work are "
-            f"{_nearest_multiples(max(global_batch_size, 1), n)}")
+            f"{nearest_multiples(max(global_batch_size, 1), n)}")
     return global_batch_size // p
 
 

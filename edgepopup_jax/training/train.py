@@ -45,7 +45,8 @@ def model_options(model_config: dict) -> dict:
 
 
 def build_model(config: ml_collections.ConfigDict, num_classes: int):
-    options = model_options(config.model.to_dict())
+    options = {k: tuple(v) if isinstance(v, list) else v  # (a model is hashed: jit's static key)
+               for k, v in model_options(config.model.to_dict()).items()}
     name = options.pop("name")
     return get_model(name, num_classes=num_classes, **options)
 
