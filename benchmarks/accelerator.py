@@ -5,10 +5,10 @@
         [--state_sharding replicated|fsdp]
 
 For each model, at the paper's global batch (CIFAR nets 128, ImageNet nets 256; --batch_scale
-multiplies it) over all local devices, with the trainer's own jitted step (train.make_steps:
-same shardings, donation, batched mask selection):
+multiplies it) over all local devices, with the trainer's own jitted step (step.make_steps,
+a group of one: same shardings, donation, batched mask selection):
   * images/s of the dense baseline and of edge-popup, alternating step by step in one run;
-  * the mask selection's share of the edge-popup step (selection.with_masks alone, jitted, timed
+  * the mask selection's share of the edge-popup step (the step's selection alone, jitted, timed
     in the same rounds);
   * the same two for edge-popup with the 31-pass batched bisection that the 8-pass search
     replaced (selection.ACCELERATOR_CANDIDATES = 1), old vs new in the same rounds (on a CPU
@@ -23,7 +23,6 @@ prepared command for a lent GPU.
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import tempfile
 import time
@@ -32,7 +31,8 @@ import jax
 import numpy as np
 
 from edgepopup_jax.core import selection
-from edgepopup_jax.training import input_pipeline, sharding, train
+from edgepopup_jax.training import input_pipeline, parallel, sharding
+from edgepopup_jax.training import step as step_lib
 
 CIFAR = {"conv4", "cifar_resnet18"}
 MODELS = ("conv4", "cifar_resnet18", "resnet50", "wide_resnet50_2")
@@ -53,26 +53,27 @@ def _runner(name: str, mode: str, batch: int, mesh, dtype: str, state_sharding: 
     c = _config(name, mode, batch, dtype, state_sharding)
     size, classes = (32, 10) if name in CIFAR else (224, 1000)
     info = input_pipeline.DatasetInfo(classes, (size, size, 3), batch * 100, 1000)
-    plan = train.make_plan(c, info)
-    steps = train.make_steps(c, info, plan, mesh)
-    state = [steps.init(c.seed)]
+    init, train_step = step_lib.run_of_one(c, info, mesh.devices.flat)
+    state = [init(c.seed)]
     rng = np.random.default_rng(0)
     local = sharding.local_batch_size(batch, mesh)
     batch_data = sharding.to_global({
         "image": rng.integers(0, 256, (local, size, size, 3), np.uint8),
         "label": rng.integers(0, classes, local).astype(np.int32)}, mesh)
-    masks = jax.jit(functools.partial(selection.with_masks, model=plan.model, mesh=mesh,
-                                      params_sharding=steps.state_sharding.params))
+    group = parallel.make_group([c], info)  # the step's own selection, from its kept counts
+    scope = group.scopes[0]
+    masks = jax.jit(lambda params: selection.edge_popup_masks_for_counts(
+        params, group.hyper["counts"][scope][0], scope))
 
     def step():
         t = time.perf_counter()
-        state[0], metrics = steps.train(state[0], batch_data)
+        state[0], metrics = train_step(state[0], batch_data)
         jax.block_until_ready(metrics)
         return time.perf_counter() - t
 
     def select_masks():
         t = time.perf_counter()
-        jax.block_until_ready(masks(state[0].variables()))
+        jax.block_until_ready(masks(state[0].params))
         return time.perf_counter() - t
 
     return step, select_masks

@@ -4,7 +4,6 @@ Each of the two processes (tests/multihost_worker.py) feeds its own shard of the
 reference is one process on a 4-device mesh fed the SAME global batches: process 0's local batch
 followed by process 1's, the row order jax.make_array_from_process_local_data gives.
 """
-import functools
 import importlib.util
 import json
 import os
@@ -20,9 +19,7 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from edgepopup_jax.training import checkpoint as ckpt_lib  # noqa: E402
-from edgepopup_jax.training import loop
-from edgepopup_jax.training import input_pipeline, optim, sharding, train  # noqa: E402
+from edgepopup_jax.training import input_pipeline, loop, sources  # noqa: E402
 from test_workdir_lock import alive  # noqa: E402
 
 _spec = importlib.util.spec_from_file_location("multihost_worker", ROOT / "tests" / "multihost_worker.py")
@@ -42,10 +39,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_workers(tmp_path, steps=STEPS, stop_after=None, tag="", state_sharding="replicated"):
+def launch_workers(tmp_path, steps=STEPS, stop_after=None, tag="", state_sharding="replicated",
+                   pipeline="auto"):
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={DEVICES_PER_PROCESS}",
            "JAX_PLATFORMS": "cpu", "MULTIHOST_STEPS": str(steps), "TF_CPP_MIN_LOG_LEVEL": "2",
-           "MULTIHOST_STATE_SHARDING": state_sharding}
+           "MULTIHOST_STATE_SHARDING": state_sharding, "MULTIHOST_PIPELINE": pipeline}
     if stop_after is not None:
         env["MULTIHOST_STOP_AFTER"] = str(stop_after)
     address = f"127.0.0.1:{free_port()}"
@@ -81,35 +79,25 @@ def wait_workers(procs, logs, tmp_path, tag=""):
         pytest.fail(f"workers failed or timed out after {TIMEOUT_S} s: {codes}\n{tails}")
 
 
-def single_process_reference_losses(config, devices):
-    """Losses of one process on a `devices` mesh fed the 2-process run's global batches."""
+def single_process_reference_losses(config, devices, workdir):
+    """Losses of one process on a `devices` mesh fed the 2-process run's global batches (the
+    trainer's own loop, from an iterator source of those batches)."""
     info = input_pipeline.get_info(config.data)
-    model = train.build_model(config, info.num_classes)
-    mesh = sharding.make_mesh(devices)
-    steps_per_epoch = input_pipeline.steps_per_epoch(info, config.batch_size)
-    total_steps = config.num_train_steps
-    schedule = optim.learning_rate_schedule(config.optim, total_steps, steps_per_epoch)
-    tx = optim.make_optimizer(config.optim, schedule)
-    repl, data = sharding.replicated(mesh), sharding.batch_sharded(mesh)
-    state = jax.jit(functools.partial(train.create_state, model, tx, info.image_shape),
-                    static_argnums=0, out_shardings=repl)(config.seed)
-    step_fn = jax.jit(functools.partial(train.train_step, model=model, tx=tx,
-                                        num_classes=info.num_classes,
-                                        label_smoothing=config.optim.get("label_smoothing", 0.0),
-                                        mean=tuple(config.data.mean), std=tuple(config.data.std)),
-                      in_shardings=(repl, data), out_shardings=(repl, repl))
     local = config.batch_size // NUM_PROCESSES
-    iters = [input_pipeline.train_iterator(config.data, batch_size=local, seed=config.seed,
-                                           start_step=0, process_index=i,
-                                           process_count=NUM_PROCESSES)
-             for i in range(NUM_PROCESSES)]
-    losses = []
-    for _ in range(total_steps):
-        parts = [next(it) for it in iters]
-        batch = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-        state, metrics = step_fn(state, sharding.to_global(batch, mesh))
-        losses.append(float(metrics["loss"]))
-    return np.array(losses), ckpt_lib.tree_hash(state.frozen)
+
+    def global_batches(start):
+        iters = [input_pipeline.train_iterator(config.data, batch_size=local, seed=config.seed,
+                                               start_step=start, process_index=i,
+                                               process_count=NUM_PROCESSES)
+                 for i in range(NUM_PROCESSES)]
+        while True:
+            parts = [next(it) for it in iters]
+            yield {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+    source = sources.IteratorSource(info, global_batches, lambda: input_pipeline.eval_iterator(
+        config.data, batch_size=config.eval_batch_size, process_index=0, process_count=1))
+    result = loop.train_and_evaluate(config, str(workdir), devices=devices, source=source)
+    return np.array([h["loss"] for h in result["train_history"]]), result["frozen_sha256"]
 
 
 def test_two_processes_match_one_process_replicated_then_fsdp(tmp_path):
@@ -123,7 +111,7 @@ def test_two_processes_match_one_process_replicated_then_fsdp(tmp_path):
     procs, outs, logs = launch_workers(tmp_path, stop_after=3, tag="a")
     try:  # the reference runs here while the workers start up
         devices = jax.devices()[:NUM_PROCESSES * DEVICES_PER_PROCESS]
-        reference, frozen_sha = single_process_reference_losses(config, devices)
+        reference, frozen_sha = single_process_reference_losses(config, devices, tmp_path / "reference")
     finally:
         wait_workers(procs, logs, tmp_path, tag="a")
     first = [json.loads(out.read_text()) for out in outs]
@@ -156,6 +144,47 @@ def test_two_processes_match_one_process_replicated_then_fsdp(tmp_path):
     assert (tmp_path / "workdir" / "results.json").exists()  # written by process 0 only
     saved = json.loads((tmp_path / "workdir" / "results.json").read_text())
     assert saved["num_processes"] == NUM_PROCESSES and saved["eval"]["count"] == 1000
+
+
+def test_the_device_source_across_processes_survives_sigkill_and_evaluates_every_example_once(
+        tmp_path):
+    """2 processes x 2 devices train from the device source (each holds the data set; each run's
+    batch is gathered on the devices, so the batches do not depend on the process count), are
+    SIGKILLed once the step-3 checkpoint exists, relaunch, resume and finish as one process on
+    4 devices does."""
+    import time
+    config = worker_config()
+    config.num_train_steps, config.data.pipeline, config.checkpoint_every_steps = STEPS, "device", 3
+    env_steps = dict(steps=STEPS, pipeline="device")
+    os.environ["MULTIHOST_CHECKPOINT_EVERY"] = "3"
+    try:
+        procs, outs, logs = launch_workers(tmp_path, tag="a", **env_steps)
+        devices = jax.devices()[:NUM_PROCESSES * DEVICES_PER_PROCESS]
+        reference = loop.train_and_evaluate(config, str(tmp_path / "reference"), devices=devices)
+        deadline = time.time() + TIMEOUT_S
+        while not (tmp_path / "workdir" / "checkpoints" / "3").is_dir() and time.time() < deadline:
+            assert all(p.poll() is None for p in procs), [p.returncode for p in procs]
+            time.sleep(0.1)
+        for p in procs:
+            p.kill()
+            p.wait(timeout=30)
+        for log in logs:
+            log.close()
+        procs, outs, logs = launch_workers(tmp_path, tag="b", **env_steps)
+        wait_workers(procs, logs, tmp_path, tag="b")
+    finally:
+        os.environ.pop("MULTIHOST_CHECKPOINT_EVERY", None)
+    results = [json.loads(out.read_text()) for out in outs]
+    for r in results:
+        assert r["resumed_from"] == 3
+        assert r["pipeline"] == "device" and r["num_processes"] == NUM_PROCESSES
+        assert r["step"] == STEPS and r["eval"]["count"] == 1000
+        assert r["frozen_sha256"] == reference["frozen_sha256"]
+        assert r["data_order_changed"] is None
+    assert results[0]["state_sha256"] == results[1]["state_sha256"]
+    np.testing.assert_allclose([h["loss"] for h in results[0]["train_history"]],
+                               [h["loss"] for h in reference["train_history"]], rtol=1e-4)
+    assert abs(results[0]["eval"]["top1"] - reference["eval"]["top1"]) <= 0.002
 
 
 def test_resume_across_process_counts_says_the_data_order_changed(tmp_path):

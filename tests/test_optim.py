@@ -5,16 +5,14 @@ The reference (allenai/hidden-networks, utils/schedulers.py, called at the start
 main.py) sets lr = base * (epoch + 1) / warmup during warm-up, then
 0.5 * (1 + cos(pi * (epoch - warmup) / (epochs - warmup))) * base.
 """
-import functools
 import math
 
 import jax
 import numpy as np
 import pytest
 
-from edgepopup_jax.models import get_model
 from edgepopup_jax.configs.base import get_base
-from edgepopup_jax.training import optim, train
+from edgepopup_jax.training import optim
 
 
 def optim_config(**overrides):
@@ -93,24 +91,23 @@ def test_bad_schedule_options(field, value, message):
 
 
 def test_weight_decay_reaches_the_scores_only():
-    """One real train step with SGD, weight decay 0.1 vs 0: the frozen weights come back
-    bit-identical, and the scores differ by exactly lr * wd * scores (same gradient)."""
-    model = get_model("fc", keep_fraction=0.5)
+    """One real train step of the trainer with SGD, weight decay 0.1 vs 0: the frozen weights
+    come back bit-identical, and the scores differ by exactly lr * wd * scores (same gradient)."""
+    from edgepopup_jax.configs import default
+    from edgepopup_jax.training import input_pipeline, step as step_lib
     lr, wd = 0.1, 0.1
     rng = np.random.default_rng(0)
     batch = {"image": rng.integers(0, 256, (8, 28, 28, 1), dtype=np.uint8),
              "label": rng.integers(0, 10, (8,)).astype(np.int32)}
     start, out = None, {}
     for decay in (wd, 0.0):
-        cfg = optim_config(learning_rate=lr, weight_decay=decay, schedule="constant")
-        tx = optim.make_optimizer(cfg, optim.learning_rate_schedule(cfg, 10, 10))
-        if start is None:  # jitted, as the trainer does: eager init compiles op by op
-            start = jax.jit(functools.partial(train.create_state, model, tx, (28, 28, 1)),
-                            static_argnums=0)(0)
-        state = start.replace(opt_state=tx.init(start.params))
-        step = jax.jit(functools.partial(train.train_step, model=model, tx=tx, num_classes=10,
-                                         label_smoothing=0.0, mean=(0.5,), std=(0.5,)))
-        out[decay] = step(state, batch)[0]
+        c = default.get_config()
+        c.model.keep_fraction, c.batch_size, c.num_train_steps = 0.5, 8, 10
+        c.optim.update(learning_rate=lr, weight_decay=decay, schedule="constant", momentum=0.9)
+        c.data.mean, c.data.std = (0.5,), (0.5,)
+        init, step = step_lib.run_of_one(c, input_pipeline.get_info(c.data), jax.devices()[:1])
+        start = start or init(0)
+        out[decay] = step(start, batch)[0]
     decayed, plain = out[wd], out[0.0]
     names = ["/".join(k.key for k in path) for path, _ in
              jax.tree_util.tree_flatten_with_path(start.params)[0]]

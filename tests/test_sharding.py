@@ -12,8 +12,9 @@ sys.path.insert(0, str(ROOT))
 
 from edgepopup_jax.configs import default  # noqa: E402
 from edgepopup_jax.training import checkpoint as ckpt_lib  # noqa: E402
-from edgepopup_jax.training import loop
-from edgepopup_jax.training import input_pipeline, sharding, train  # noqa: E402
+from edgepopup_jax.training import loop  # noqa: E402
+from edgepopup_jax.training import input_pipeline, sharding  # noqa: E402
+from edgepopup_jax.training import step as step_lib  # noqa: E402
 from edgepopup_jax.planning import grid  # noqa: E402
 
 
@@ -53,11 +54,10 @@ def _config(**overrides):
 def test_fsdp_state_is_split_and_trains_resumes_and_evaluates_as_the_replicated_state(
         tmp_path, num_devices):
     devices = jax.devices()[:num_devices]
-    mesh = sharding.make_mesh(devices)
     config = _config(state_sharding="fsdp")
     info = input_pipeline.get_info(config.data)
-    _, steps = train.plan_and_steps(config, info, mesh)
-    state = steps.init(config.seed)
+    init, train_step = step_lib.run_of_one(config, info, devices)
+    state = init(config.seed)
     scores = state.params["fc0"]["scores"]  # (784, 300): each device holds 1/num_devices
     assert scores.sharding.spec == PartitionSpec("data", None)
     assert {s.data.shape for s in scores.addressable_shards} == {(784 // num_devices, 300)}
@@ -66,7 +66,7 @@ def test_fsdp_state_is_split_and_trains_resumes_and_evaluates_as_the_replicated_
     assert moments and all(x.sharding.spec == PartitionSpec("data", None) for x in moments)
     assert state.params["head"]["scores"].sharding.spec == PartitionSpec()  # small: replicated
     batch = next(input_pipeline.train_iterator(config.data, batch_size=32, seed=0))
-    after, _ = steps.train(state, sharding.to_global(batch, mesh))
+    after, _ = train_step(state, batch)
     assert after.params["fc0"]["scores"].sharding.spec == PartitionSpec("data", None)
 
     replicated = loop.train_and_evaluate(_config(), str(tmp_path / "replicated"), devices=devices)

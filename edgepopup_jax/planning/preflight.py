@@ -5,7 +5,7 @@
   python -m edgepopup_jax.planning.preflight --config=configs/cifar10.py:conv4 --target=gpu:h100:1 \\
       --parallel_runs=50        # a group of 50 runs in one program (loop.train_group)
 
-Compiles the trainer's own train and eval steps (train.make_steps: the same functions, shardings,
+Compiles the trainer's own train and eval steps (step.make_steps: the same functions, shardings,
 dtypes and donation as a run) ahead of time for the target's devices, and prints per device:
 memory against the device's HBM, model FLOPs, the collectives in the step, and the largest
 per-device batch that still fits. Takes the same --config.* overrides as main.py.
@@ -132,15 +132,8 @@ def _prepare(config: ml_collections.ConfigDict, target: targets.Target):
     return info, train.make_plan(config, info)
 
 
-def _abstract_state(steps: train.Steps, seed: int):
-    """The train state's shapes, placed as the trainer places it (steps.state_sharding)."""
-    shapes = jax.eval_shape(lambda: steps.init(seed))
-    return jax.tree.map(lambda s, where: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=where),
-                        shapes, steps.state_sharding)
-
-
 def _abstract_batch(info, batch_size: int, mesh, eval: bool = False):
-    data = sharding.batch_sharded(mesh)
+    data = NamedSharding(mesh, PartitionSpec(sharding.DATA_AXIS))
     return {k: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=data)
             for k, s in input_pipeline.batch_shapes(info, batch_size, eval=eval).items()}
 
@@ -158,12 +151,27 @@ def _compile(jitted, *args):
         raise DoesNotCompile(str(e).splitlines()[0][:500]) from e
 
 
+def _stream_steps(config, target: targets.Target):
+    """A run of config as the trainer runs it from a stream (a group of one, the batch split over
+    the target's devices): (steps, train arguments, eval arguments, global eval batch)."""
+    from edgepopup_jax.training import parallel, sources
+    info, _ = _prepare(config, target)
+    group = parallel.make_group([config], info)
+    mesh = parallel.make_mesh(1, config.batch_size, target.mesh.devices.flat)
+    _, eval_global = sharding.eval_batch_sizes(config.eval_batch_size or config.batch_size, mesh)
+    source = sources.StreamSource(None, None, mesh)
+    steps, train_args, (folded, _) = _group_arguments(group, mesh, source=(source, _abstract_batch(
+        info, config.batch_size, mesh)))
+    where = NamedSharding(mesh, PartitionSpec(None, sharding.DATA_AXIS))
+    chunk = {k: _spec((1,) + s.shape, s.dtype, where)
+             for k, s in input_pipeline.batch_shapes(info, eval_global, eval=True).items()}
+    return steps, train_args, (folded, chunk), eval_global
+
+
 def compile_train_step(config, target: targets.Target):
     """The compiled train step of `config` for `target` (config.batch_size is global)."""
-    info, plan = _prepare(config, target)
-    steps = train.make_steps(config, info, plan, target.mesh)
-    state = _abstract_state(steps, config.seed)
-    return _compile(steps.train, state, _abstract_batch(info, config.batch_size, target.mesh))
+    steps, train_args, _, _ = _stream_steps(config, target)
+    return _compile(steps.train, *train_args)
 
 
 def _with_batch(config, batch_size: int):
@@ -175,41 +183,24 @@ def _with_batch(config, batch_size: int):
 def train_flops(config, target: targets.Target) -> float:
     """Global FLOPs of one train step, from XLA's cost analysis of the same step lowered for the
     CPU (the TPU and GPU compilers give no usable count)."""
-    info, plan = _prepare(config, target)
-    fn = functools.partial(train.train_step, model=plan.model, tx=plan.tx,
-                           num_classes=info.num_classes,
-                           label_smoothing=config.optim.get("label_smoothing", 0.0),
-                           mean=tuple(config.data.mean), std=tuple(config.data.std))
-    state = jax.eval_shape(functools.partial(train.create_state, plan.model, plan.tx,
-                                             tuple(info.image_shape), config.seed))
-    batch = input_pipeline.batch_shapes(info, config.batch_size)
-    lowered = jax.jit(fn).trace(state, batch).lower(lowering_platforms=("cpu",))
-    return float(lowered.cost_analysis()["flops"])
+    from edgepopup_jax.training import parallel
+    return group_flops(parallel.make_group([config], _prepare(config, target)[0]))
 
 
 def analyse(config, target: targets.Target, log=print) -> Report:
     """Compiles config's train and eval steps for target and measures them."""
-    info, plan = _prepare(config, target)
-    steps = train.make_steps(config, info, plan, target.mesh)
-    state = _abstract_state(steps, config.seed)
-    _, eval_global = sharding.eval_batch_sizes(
-        config.get("eval_batch_size") or config.batch_size, target.mesh)
     t = time.time()
     log(f"compiling the train step of {config.model.name}, batch {config.batch_size}, for "
         f"{target.num_devices} x {target.device_kind} ...")
+    steps, train_args, eval_args, eval_global = _stream_steps(config, target)
     memory, error = {}, None
     try:
-        compiled_train = _compile(steps.train, state, _abstract_batch(info, config.batch_size,
-                                                                      target.mesh))
+        compiled_train = _compile(steps.train, *train_args)
         memory["train"] = Memory.of(compiled_train)
         log(f"  {time.time() - t:.0f} s; compiling the eval step, batch {eval_global} ...")
-        # As the trainer evaluates: the masks selected once (steps.masks), then every batch.
-        variables = jax.eval_shape(steps.masks, state.variables())
-        repl = sharding.replicated(target.mesh)
-        variables = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=repl),
-                                 variables)
-        memory["eval"] = Memory.of(_compile(steps.eval, variables, _abstract_batch(
-            info, eval_global, target.mesh, eval=True)))
+        # As the trainer evaluates: the masks selected and folded once (steps.fold), then
+        # every batch.
+        memory["eval"] = Memory.of(_compile(steps.eval, *eval_args))
     except DoesNotCompile as e:
         if not _out_of_memory(str(e)):
             raise
@@ -420,14 +411,15 @@ def _spec(shape, dtype, where):
     return jax.ShapeDtypeStruct(shape, dtype, sharding=where)
 
 
-def _group_arguments(group, mesh, with_sharding: bool = True):
+def _group_arguments(group, mesh, with_sharding: bool = True, source=None):
     """Abstract (states, alive, item, step, hyper) of a group's train step, and the eval
-    step's (folded variables, eval chunk), placed as loop.train_group places them."""
+    step's (folded variables, eval chunk), placed as loop.train_group places them. source:
+    (a source, its abstract item); default: the device source."""
     from edgepopup_jax.training import parallel, step as step_lib
     runs = NamedSharding(mesh, PartitionSpec(parallel.RUNS_AXIS)) if with_sharding else None
     repl = NamedSharding(mesh, PartitionSpec()) if with_sharding else None
     config, info, r = group.configs[0], group.info, group.size
-    source, item = _abstract_device_source(group, mesh, with_sharding)
+    source, item = source or _abstract_device_source(group, mesh, with_sharding)
     steps = step_lib.make_steps(group, mesh, source, config.state_sharding)
     one = jax.eval_shape(steps.init[0], 0)
     states = jax.tree.map(lambda x: _spec((r,) + x.shape, x.dtype, runs), one)
@@ -474,7 +466,8 @@ def group_flops(group) -> float:
     for config in group.configs:
         one = parallel.make_group([config], group.info)
         steps, train_args, _ = _group_arguments(one, cpu, with_sharding=False)
-        fn = steps.train
+        fn = steps.train  # (the device source's step: a stream's gathers nothing, so it differs
+        # from it by the gather and the augmentation alone)
         key = json.dumps({k: v for k, v in config.to_dict().items() if k != "seed"},
                          sort_keys=True, default=str)
         if key not in _FLOPS:  # runs differing only in seed do the same arithmetic

@@ -516,7 +516,7 @@ def _train(configs, workdirs, devices, cache_dir, stop_after_steps, say, given) 
             state, group.models[r], lambda k: group.schedules[r].keep_fraction(step, k))
         history = dirs.histories[r]
         result = {
-            "step": step, "total_steps": end, "preempted": preempted,
+            "step": step, "total_steps": end, "preempted": preempted, "resumed_from": start,
             "eval": last_eval[r], "frozen_sha256": frozen_hashes[r],
             "state_sha256": ckpt_lib.tree_hash({"params": state.params,
                                                 "batch_stats": state.batch_stats,

@@ -16,6 +16,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -258,3 +259,22 @@ def make_steps(group: Group, mesh: Mesh, source, state_sharding: str = "replicat
                  take=jax.jit(take),
                  state_sharding=state_sh, redraw=redraw, start_finetune=start_ft,
                  finetune=finetune_fn, pruned=pruned)
+
+
+def run_of_one(config, info, devices=None):
+    """One run's init and jitted step, without the runs axis, for notebooks, benchmarks and
+    tests: the group step with R = 1, fed a stream's batch (global, split over the devices).
+    Returns (init: seed -> state, train: (state, batch) -> (state, metrics))."""
+    from edgepopup_jax.training import parallel, sources
+    group = parallel.make_group([config], info)
+    mesh = parallel.make_mesh(1, config.batch_size, devices)
+    steps = make_steps(group, mesh, sources.StreamSource(None, None, mesh), config.state_sharding)
+    runs = NamedSharding(mesh, PartitionSpec(RUNS_AXIS))
+    hyper = jax.device_put(group.hyper, runs)
+
+    def train_one(state, batch):
+        alive = jax.device_put(np.ones((1,), bool), runs)  # (donated by every step)
+        states, _, metrics = steps.train(steps.stack(state), alive, batch, state.step, hyper)
+        return steps.take(states, 0), steps.take(metrics, 0)
+
+    return steps.init[0], train_one

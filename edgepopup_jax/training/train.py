@@ -4,7 +4,6 @@ counts, checked before anything is written. The loop that trains it is loop.py.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any
 
 import flax
@@ -12,13 +11,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 
-from edgepopup_jax.core import masking, selection, summary
+from edgepopup_jax.core import masking, summary
 from edgepopup_jax.models import get_model
 from edgepopup_jax.training import checkpoint as ckpt_lib
-from edgepopup_jax.training import (evaluation, finetune, input_pipeline, iterand, optim,
-                                    sharding, sparsity)
+from edgepopup_jax.training import finetune, input_pipeline, iterand, optim, sharding, sparsity
 
 
 @flax.struct.dataclass
@@ -61,29 +58,6 @@ def create_state(model, tx, image_shape, seed: int) -> TrainState:
                       opt_state=tx.init(params), rng=rng)
 
 
-def train_step(state: TrainState, batch, *, model, tx, num_classes: int, label_smoothing: float,
-               mean, std, mesh=None, params_sharding=None):
-    rng = jax.random.fold_in(state.rng, state.step)
-    images = input_pipeline.normalize(batch["image"], mean, std)
-
-    def loss_fn(params):
-        variables = selection.with_masks({**state.variables(), "params": params}, model, mesh,
-                                         sharding.DATA_AXIS, params_sharding=params_sharding)
-        logits, updates = model.apply(variables, images, train=True,
-                                      mutable=["batch_stats"], rngs={masking.SAMPLE_RNG: rng})
-        loss = evaluation.cross_entropy(logits, batch["label"], num_classes, label_smoothing).mean()
-        return loss, (logits, updates.get("batch_stats", state.batch_stats))
-
-    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                          batch_stats=batch_stats, opt_state=opt_state)
-    accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
-    finite = jnp.isfinite(loss) & jnp.all(jnp.stack([jnp.all(jnp.isfinite(g))
-                                                     for g in jax.tree.leaves(grads)]))
-    return state, {"loss": loss, "accuracy": accuracy, "finite": finite.astype(jnp.float32)}
-
-
 class TrainingDiverged(RuntimeError):
     """The loss or the gradients stopped being finite; no such state is ever saved."""
 
@@ -112,17 +86,6 @@ def check_kept_counts(state: TrainState, model, at=None) -> list[summary.LayerSt
             raise RuntimeError(f"layers {[r.name for r in group]} keep {kept} of {total} weights, "
                                f"expected {masking.kept_count(total, k)}")
     return rows
-
-
-@dataclasses.dataclass(frozen=True)
-class Steps:
-    """A run's jitted functions on a mesh, with their shardings and donation: what the trainer
-    runs, and exactly what `preflight` compiles ahead of time for an accelerator."""
-    init: Any  # seed -> TrainState, placed as state_sharding says
-    train: Any  # (state, batch) -> (state, metrics); the state is donated
-    eval: Any  # (variables, batch) -> sums over the batch's valid examples
-    masks: Any  # variables -> variables with every layer's mask (once per evaluation)
-    state_sharding: Any  # a NamedSharding per TrainState leaf (config.state_sharding)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,25 +160,6 @@ def make_plan(config: ml_collections.ConfigDict, info: input_pipeline.DatasetInf
     schedule = optim.learning_rate_schedule(config.optim, total_steps, steps_per_epoch)
     return Plan(model, optim.make_optimizer(config.optim, schedule), schedule, total_steps,
                 steps_per_epoch)
-
-
-def make_steps(config, info: input_pipeline.DatasetInfo, plan: Plan, mesh) -> Steps:
-    repl, data = sharding.replicated(mesh), sharding.batch_sharded(mesh)
-    create = functools.partial(create_state, plan.model, plan.tx, tuple(info.image_shape))
-    state_sh = sharding.state_shardings(jax.eval_shape(create, 0), mesh,
-                                        config.get("state_sharding", "replicated"))
-    init = jax.jit(create, static_argnums=0, out_shardings=state_sh)
-    train = jax.jit(functools.partial(train_step, model=plan.model, tx=plan.tx,
-                                      num_classes=info.num_classes,
-                                      label_smoothing=config.optim.get("label_smoothing", 0.0),
-                                      mean=tuple(config.data.mean), std=tuple(config.data.std),
-                                      mesh=mesh, params_sharding=state_sh.params),
-                    in_shardings=(state_sh, data), out_shardings=(state_sh, repl), donate_argnums=0)
-    return Steps(init=init, train=train,
-                 eval=evaluation.make_eval_fn(plan.model, info.num_classes, mesh, config.data),
-                 masks=evaluation.make_masks_fn(plan.model, mesh,
-                                                state_sh.variables()),
-                 state_sharding=state_sh)
 
 
 @dataclasses.dataclass(frozen=True)
