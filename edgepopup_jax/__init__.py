@@ -12,17 +12,19 @@ from edgepopup_jax.core import platforms
 platforms.default_to_cpu_without_accelerator()  # before JAX starts: no CUDA traceback on a CPU
 
 from edgepopup_jax import models, subnet  # noqa: E402
-from edgepopup_jax.core import inits, layers, masking, nnx_layers, summary, transform
+from edgepopup_jax.core import inits, layers, masking, nnx_layers, nnx_transform, summary, transform
 from edgepopup_jax.core.layers import NonAffineBatchNorm, SubnetConv, SubnetDense
 from edgepopup_jax.core.masking import kept_count, supermask, topk_mask
 from edgepopup_jax.core.summary import format_table, layer_stats
+from edgepopup_jax.core.nnx_transform import edge_popup_nnx
 from edgepopup_jax.core.transform import edge_popup, masks, train_step
 from edgepopup_jax.models import get_model
 from edgepopup_jax.subnet import load_subnet, read_subnet, save_subnet, size_report
 
 __version__ = "0.1.0"
-__all__ = ["inits", "layers", "masking", "models", "nnx_layers", "subnet", "summary", "transform",
-           "edge_popup", "masks", "train_step",
+__all__ = ["inits", "layers", "masking", "models", "nnx_layers", "nnx_transform", "subnet", "summary",
+           "transform",
+           "edge_popup", "edge_popup_nnx", "masks", "train_step",
            "NonAffineBatchNorm", "SubnetConv", "SubnetDense", "kept_count", "supermask", "topk_mask",
            "get_model", "format_table", "layer_stats", "load_subnet", "read_subnet", "save_subnet",
            "size_report"]

@@ -131,6 +131,38 @@ plt.tight_layout(); plt.show()"""),
 k_grid = grid.Grid((grid.parse_sweep(f"model.keep_fraction={ks}", config),), seeds=(0,))
 rows = sweep.run_sweep(config, k_grid, str(WORKDIR / "k_sweep"))
 display(Image(filename=str(WORKDIR / "k_sweep" / sweep.FIGURE_FILE)))"""),
+    md("## Your own model, your own loop: `ep.edge_popup`\nA model written here with plain "
+       "`flax.linen` layers, nothing edge-popup about it, becomes an edge-popup model: its kernels "
+       "turn into frozen random weights (`frozen`) times the top-k mask of learned scores "
+       "(`params`). `ep.train_step` is a jittable optax step for your own loop, here on the same "
+       "MNIST-5k digits (the trainer's input pipeline)."),
+    code("""import flax.linen as nn, optax
+from edgepopup_jax.training import input_pipeline
+
+class SmallCNN(nn.Module):  # plain Flax layers
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Conv(16, (3, 3), strides=2, name="conv1")(x))
+        x = nn.relu(nn.Conv(32, (3, 3), strides=2, name="conv2")(x))
+        x = nn.relu(nn.Dense(64, name="hidden")(x.reshape(len(x), -1)))
+        return nn.Dense(10, name="head")(x)
+
+model = ep.edge_popup(SmallCNN(), keep_fraction=0.5, weight_init="signed_constant")
+batches = input_pipeline.train_iterator(default.get_config().data, batch_size=128)
+pixels = lambda batch: jnp.asarray(batch["image"], jnp.float32) / 255.0
+variables = jax.jit(model.init)(jax.random.key(0), pixels(next(batches)))
+tx = optax.sgd(0.1, momentum=0.9)
+opt_state = tx.init(variables["params"])  # the scores only: W stays in variables["frozen"]
+loss_fn = lambda logits, x, y: optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+step = jax.jit(ep.train_step(model, tx, loss_fn))  # every layer's mask selected once per step
+steps = 20 if SMOKE else 200
+for i in range(steps):
+    batch = next(batches)
+    variables, opt_state, loss, _ = step(variables, opt_state, pixels(batch), jnp.asarray(batch["label"]))
+    if i % (steps // 5) == 0 or i == steps - 1:
+        print(f"step {i:3d}  loss {float(loss):.3f}")
+for path, m in ep.masks(variables, model).items():
+    print(f"{path:8s} kept {int(m.sum()):6,} of {m.size:6,}")"""),
 ]
 
 

@@ -91,6 +91,7 @@ SLOW = (
     "test_followups.py::test_schedules_scopes_and_iterand", "test_iterand.py::test_iterand_resumes",
     "test_sparsity.py::test_a_scheduled_run_takes", "test_finetune.py::test_fine_tuning_resumes",
     "test_followups.py::test_each_layer_option",
+    "test_transform.py::test_transformed_vit_trains_with_a_schedule_iterand_and_finetune",
 )
 
 

@@ -187,3 +187,37 @@ def test_cli_parallel_runs_must_be_positive():
     p = _cli("--config=configs/default.py", "--target=gpu:h100:1", "--parallel_runs=0")
     assert p.returncode == 2 and "--parallel_runs must be >= 1" in p.stderr, p.stderr[-2000:]
     assert "Traceback" not in p.stderr
+
+
+class _Lowered:
+    """A lowered step whose first compile fails as XLA's deviceless GPU compiler does on the
+    ViT's attention out-projection (batch 128), or with another error."""
+
+    def __init__(self, error):
+        self.error, self.calls = error, []
+
+    def compile(self, compiler_options=None):
+        self.calls.append(compiler_options)
+        if compiler_options is None:
+            raise RuntimeError(self.error)
+        return "compiled"
+
+
+class _Jitted:
+    def __init__(self, lowered):
+        self.lowered = lowered
+
+    def lower(self, *args):
+        return self.lowered
+
+
+def test_a_triton_tiling_failure_is_compiled_again_without_triton_gemms(capsys):
+    tiling = _Lowered("INTERNAL: Couldn't find output tile sizes that satisfy hlo: %dot.520 = "
+                      "f32[8320,192]{1,0} dot(...)\nmore")
+    assert preflight._compile(_Jitted(tiling)) == "compiled"
+    assert tiling.calls == [None, {"xla_gpu_enable_triton_gemm": False}]
+    assert "xla_gpu_enable_triton_gemm=false" in capsys.readouterr().err
+    other = _Lowered("RESOURCE_EXHAUSTED: Ran out of memory in memory space hbm")
+    with pytest.raises(preflight.DoesNotCompile, match="RESOURCE_EXHAUSTED"):
+        preflight._compile(_Jitted(other))
+    assert other.calls == [None]  # only the tiling failure is retried

@@ -539,3 +539,49 @@ def test_subnet_of_a_registered_transformed_model(tmp_path):
     assert type(plain) is ViT
     np.testing.assert_array_equal(_apply(plain, loaded, x),
                                   _apply(model, selection.with_masks(v, model, fold=True), x))
+
+
+def test_transformed_vit_trains_with_a_schedule_iterand_and_finetune(tmp_path):
+    """The zoo's vit (tiny, through config overrides) in the trainer's group path with a
+    keep-fraction schedule, IteRand and fine-tuning together, on the MNIST-5k digits held on
+    the device: exact kept counts at the end, the scores fixed while fine-tuning, the frozen
+    weights untouched by the scores' phase, and the exported subnet scoring as the trainer did."""
+    import pathlib
+    import sys
+
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+    from edgepopup_jax.subnet import evaluate, export
+    from edgepopup_jax.training import checkpoint as ckpt_lib, loop
+    from tests.test_parallel import config, one_device
+
+    c = config(**{"model.name": "vit", "model.dim": 16, "model.depth": 1, "model.heads": 2,
+                  "model.mlp_dim": 32, "model.patch": 4, "model.keep_fraction": 0.3,
+                  "model.keep_fraction_anneal_epochs": 4 / 62, "model.rerand_every": 3,
+                  "model.rerand_rate": 0.2, "num_train_steps": 6, "finetune_epochs": 3 / 62,
+                  "checkpoint_every_steps": 3, "keep_checkpoints": None, "eval_every_steps": 9})
+    workdir = str(tmp_path / "vit")
+    result = loop.train_group([c], [workdir], devices=one_device())[0]
+    assert np.all(np.isfinite([h["loss"] for h in result["train_history"]]))
+    assert result["step"] == result["total_steps"] == 9
+    assert result["finetune"]["steps"] == 3 and result["finetune"]["from_step"] == 6
+    assert result["iterand"] is not None and result["keep_fraction_schedule"] is not None
+    layers = {row["name"]: row for row in result["layers"]}
+    assert "block0/attn/query" in layers and "head" in layers and "patch_embed" in layers
+    for row in result["layers"]:
+        assert row["kept"] == masking.kept_count(row["total"], 0.3), row
+
+    def state(step):
+        checkpointer = ckpt_lib.Checkpointer(str(pathlib.Path(workdir) / "checkpoints"))
+        raw, _ = checkpointer.restore_raw(step)
+        checkpointer.close()
+        return raw
+
+    first, scores_end, tuned = state(3), state(6), state(9)
+    for path, value in flat(scores_end["params"]).items():  # fine-tuning: the mask is fixed
+        np.testing.assert_array_equal(flat(tuned["params"])[path], value, err_msg=path)
+    for path in ("cls", "pos_embed", "block0/ln_attn/scale", "head/bias"):  # not by the scores
+        np.testing.assert_array_equal(flat(scores_end["frozen"])[path], flat(first["frozen"])[path])
+    subnet = str(tmp_path / "vit.subnet")
+    export.export(workdir, subnet)
+    metrics, _ = evaluate.evaluate(c, subnet_path=subnet, devices=one_device())
+    assert metrics["count"] == 1000 and metrics["top1"] == result["eval"]["top1"]

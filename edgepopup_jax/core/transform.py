@@ -389,10 +389,14 @@ def is_transformed(model) -> bool:
     return isinstance(getattr(type(model), "edge_popup_options", None), TransformOptions)
 
 
-def masks(variables: dict, model) -> dict[str, jax.Array]:
+def masks(variables, model=None) -> dict[str, jax.Array]:
     """Every masked layer's current 0/1 mask, by "/"-joined layer path: one selection over all
     layers, as the forward pass makes it. model: the transformed module (edge_popup) or any
-    models.MaskedModel."""
+    models.MaskedModel. For NNX, masks(module): a module transformed by edge_popup_nnx."""
+    from flax import nnx
+    if isinstance(variables, nnx.Module):
+        from edgepopup_jax.core import nnx_transform
+        return nnx_transform.masks(variables)
     if not hasattr(model, "keep_fractions"):
         raise ValueError(f"masks needs the transformed module or a MaskedModel, got {model!r}")
     keep = model.keep_fraction if model.uniform_keep_fraction() else tuple(sorted(

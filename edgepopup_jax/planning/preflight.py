@@ -138,7 +138,15 @@ def _abstract_batch(info, batch_size: int, mesh, eval: bool = False):
             for k, s in input_pipeline.batch_shapes(info, batch_size, eval=eval).items()}
 
 
-def _compile(jitted, *args):
+# XLA's GPU compiler, without a device, sometimes finds no tiling for a Triton GEMM fusion
+# ("Couldn't find output tile sizes that satisfy hlo": the ViT's attention out-projection,
+# f32[8320,192] at batch 128). Such a step is compiled again with XLA's own GEMMs (cuBLAS, which
+# needs no tiling), the compile a run would get if its autotuner rejected the Triton tiling.
+TILING_ERROR = "Couldn't find output tile sizes"
+NO_TRITON_GEMM = {"xla_gpu_enable_triton_gemm": False}
+
+
+def _compile_lowered(lowered, compiler_options=None):
     try:
         with warnings.catch_warnings():
             # With a persistent compilation cache (JAX_COMPILATION_CACHE_DIR), JAX stores a
@@ -146,7 +154,7 @@ def _compile(jitted, *args):
             # but cannot load it ("PjRtCompiler must be constructed with a Client"), warns, and
             # compiles again, which is all preflight needs. Only that warning is silenced.
             warnings.filterwarnings("ignore", message="Error reading persistent compilation cache")
-            return jitted.lower(*args).compile()
+            return lowered.compile(compiler_options=compiler_options)
     except Exception as e:  # noqa: BLE001 - e.g. RESOURCE_EXHAUSTED from the TPU compiler
         raise DoesNotCompile(str(e).splitlines()[0][:500]) from e
 
@@ -166,6 +174,18 @@ def _stream_steps(config, target: targets.Target):
     chunk = {k: _spec((1,) + s.shape, s.dtype, where)
              for k, s in input_pipeline.batch_shapes(info, eval_global, eval=True).items()}
     return steps, train_args, (folded, chunk), eval_global
+
+
+def _compile(jitted, *args):
+    lowered = jitted.lower(*args)
+    try:
+        return _compile_lowered(lowered)
+    except DoesNotCompile as e:
+        if TILING_ERROR not in str(e):
+            raise
+        print(f"  XLA found no Triton GEMM tiling ({str(e)[:120]}...): compiling with "
+              "xla_gpu_enable_triton_gemm=false", file=sys.stderr)
+        return _compile_lowered(lowered, NO_TRITON_GEMM)
 
 
 def compile_train_step(config, target: targets.Target):

@@ -33,6 +33,12 @@ def load(subnet_path: str | None = None, workdir: str | None = None):
         raise ValueError("give exactly one of --subnet and --workdir")
     if subnet_path is not None:
         model, variables = subnet.load_subnet(subnet_path)
+        if not hasattr(model, "keep_fractions"):
+            # A transformed zoo model's file (vit, transformer_lm) loads as the plain Flax module,
+            # its kernels W * mask: evaluated as the transform's dense form, which applies it as
+            # it is (its variables all in params, no mask to select).
+            from edgepopup_jax.core import transform
+            model = transform.edge_popup(model, mask="dense")
         sf = subnet.read_subnet(subnet_path)
         rows = [summary.LayerStats("/".join(e.path), e.shape, e.total,
                                    e.kept if e.kind == "masked" else e.total,
