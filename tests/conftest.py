@@ -92,6 +92,10 @@ SLOW = (
     "test_sparsity.py::test_a_scheduled_run_takes", "test_finetune.py::test_fine_tuning_resumes",
     "test_followups.py::test_each_layer_option",
     "test_transform.py::test_transformed_vit_trains_with_a_schedule_iterand_and_finetune",
+    # one loop, any source
+    "test_sources.py::test_each_follow_up_trains_from_a_folder",
+    "test_sources.py::test_a_follow_up_on_tf_data_resumes", "test_sources.py::test_parallel_runs_on_tf_data",
+    "test_sources.py::test_one_run_two_sources",
 )
 
 

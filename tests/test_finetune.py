@@ -78,12 +78,6 @@ def test_bad_fine_tuning_is_refused_naming_the_fields(tmp_path, overrides, field
     assert all(f in str(e.value) for f in fields), str(e.value)
 
 
-def test_the_tf_data_path_refuses_fine_tuning(tmp_path):
-    with pytest.raises(ValueError, match="finetune_epochs > 0 trains on the device data path"):
-        loop.train_and_evaluate(tuned(**{"data.pipeline": "tf_data"}), str(tmp_path),
-                                 devices=one_device())
-
-
 def test_a_pruned_weight_moved_by_fine_tuning_is_caught(tmp_path, monkeypatch):
     """Without the update mask, weight decay moves the pruned weights: the run says so."""
     from edgepopup_jax.training import finetune

@@ -118,9 +118,3 @@ def test_a_gradient_reaching_the_weights_is_still_caught(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="frozen weights changed between IteRand's redraws"):
         loop.train_group([rerand(**{"num_train_steps": 4})], [str(tmp_path / "run")],
                              devices=one_device())
-
-
-def test_the_tf_data_path_refuses_iterand(tmp_path):
-    with pytest.raises(ValueError, match="model.rerand_every > 0 .IteRand. trains on the device data path"):
-        loop.train_and_evaluate(rerand(**{"data.pipeline": "tf_data"}), str(tmp_path),
-                                 devices=one_device())

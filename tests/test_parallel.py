@@ -141,12 +141,7 @@ def test_configs_that_cannot_share_a_program_are_refused(tmp_path):
         parallel.make_mesh(2, 64, one_device(), "both")
     with pytest.raises(ValueError, match="a sweep groups its grid points with --parallel_runs"):
         sweep.check_config(config(parallel_runs=3))  # main.py's seeds field, not a sweep's
-    with pytest.raises(ValueError, match="parallel_runs > 1 needs the device data path"):
-        loop.train_config(config(parallel_runs=2, **{"data.pipeline": "tf_data"}),
-                              str(tmp_path / "c"))
-    with pytest.raises(ValueError, match="trains in one process with the state replicated"):
-        loop.train_config(config(state_sharding="fsdp"), str(tmp_path / "d"))
-    assert parallel.pipeline_for(config(state_sharding="fsdp", **{"data.pipeline": "auto"})) == "tf_data"
+    assert parallel.pipeline_for(config(state_sharding="fsdp", **{"data.pipeline": "auto"})) == "device"
     assert parallel.pipeline_for(config(**{"data.pipeline": "auto"})) == "device"
     assert not (tmp_path / "a").exists()
 

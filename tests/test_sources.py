@@ -166,3 +166,29 @@ def test_one_run_two_sources_one_answer(tmp_path):
     np.testing.assert_array_equal(losses(mine), losses(device))
     assert mine["state_sha256"] == device["state_sha256"]
     assert mine["eval"] == device["eval"]
+
+
+def test_a_stream_whose_batch_does_not_split_over_the_devices_is_refused():
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:4]).reshape(1, 4), ("runs", "data"))
+    with pytest.raises(ValueError, match="batch_size 30 cannot be split over the 4 devices of the "
+                                         "data axis: use a positive multiple of 4"):
+        sources.stream_source(config().data, batch_size=30, eval_batch_size=100, seed=0, mesh=mesh,
+                              bad=input_pipeline.BadExamples(config().data))
+
+
+def test_the_device_source_gathers_each_runs_batch_by_its_own_seed():
+    """The step's gather (vmapped over the runs) equals each run's batch gathered alone."""
+    c = config()
+    images, labels = device_data.load_split(c.data, c.data.train_split)
+    seeds, step, steps_per_epoch = np.array([3, 5], np.int32), 70, len(labels) // c.batch_size
+    epoch, index = divmod(step, steps_per_epoch)
+    permutations = np.stack([device_data.epoch_permutation(s, epoch, len(labels)) for s in seeds])
+    both = sources.gather_batches(images, labels, permutations, seeds, step,
+                                  steps_per_epoch=steps_per_epoch, batch_size=c.batch_size,
+                                  augment="cifar")
+    for r, s in enumerate(seeds):
+        alone = device_data.train_batch(images, labels, permutations[r], s, epoch, index,
+                                        c.batch_size, "cifar")
+        np.testing.assert_array_equal(both["image"][r], alone["image"])
+        np.testing.assert_array_equal(both["label"][r], alone["label"])
+    assert not np.array_equal(both["label"][0], both["label"][1])

@@ -109,9 +109,3 @@ def test_a_constant_schedule_is_the_fixed_keep_fraction(tmp_path):
     constant = loop.train_group([annealed(**{"model.keep_fraction_start": 0.3})],
                                     [str(tmp_path / "b")], devices=one_device())[0]
     assert constant["state_sha256"] == fixed["state_sha256"]
-
-
-def test_the_tf_data_path_refuses_a_schedule(tmp_path):
-    with pytest.raises(ValueError, match="keep_fraction_anneal_epochs > 0 .* data.pipeline='device'"):
-        loop.train_and_evaluate(annealed(**{"data.pipeline": "tf_data"}), str(tmp_path),
-                                 devices=one_device())
