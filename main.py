@@ -33,7 +33,6 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from edgepopup_jax.training import supervisor
-    from edgepopup_jax.training import loop
     if (supervisor.multi_process(FLAGS.coordinator_address, FLAGS.multihost)
             and not os.environ.get(supervisor.SUPERVISED)):
         # One process of several: run as a child, so that a lost peer, which ends this process
@@ -41,7 +40,7 @@ def main(argv):
         return supervisor.supervise(sys.argv, workdir=FLAGS.workdir, process_id=FLAGS.process_id,
                                     num_processes=FLAGS.num_processes)
     from edgepopup_jax.training import checkpoint as ckpt_lib
-    from edgepopup_jax.training import parallel, sharding, train, workdir_lock
+    from edgepopup_jax.training import loop, sharding, train, workdir_lock
 
     sharding.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
                                     multihost=FLAGS.multihost)

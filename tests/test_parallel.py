@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from edgepopup_jax.configs import default
-from edgepopup_jax.training import parallel
+from edgepopup_jax.training import parallel, sharding
 from edgepopup_jax.training import loop
 from edgepopup_jax.planning import grid, sweep
 
@@ -138,7 +138,7 @@ def test_configs_that_cannot_share_a_program_are_refused(tmp_path):
     with pytest.raises(parallel.GroupError, match="model.mask "):
         parallel.check_group([config(), config(**{"model.mask": "supermask"})])
     with pytest.raises(ValueError, match="parallel_split"):
-        parallel.make_mesh(2, 64, one_device(), "both")
+        sharding.make_mesh(one_device(), 2, 64, "both")
     with pytest.raises(ValueError, match="a sweep groups its grid points with --parallel_runs"):
         sweep.check_config(config(parallel_runs=3))  # main.py's seeds field, not a sweep's
     assert parallel.pipeline_for(config(state_sharding="fsdp", **{"data.pipeline": "auto"})) == "device"

@@ -165,7 +165,7 @@ def _stream_steps(config, target: targets.Target):
     from edgepopup_jax.training import parallel, sources
     info, _ = _prepare(config, target)
     group = parallel.make_group([config], info)
-    mesh = parallel.make_mesh(1, config.batch_size, target.mesh.devices.flat)
+    mesh = sharding.make_mesh(target.mesh.devices.flat, 1, config.batch_size)
     _, eval_global = sharding.eval_batch_sizes(config.eval_batch_size or config.batch_size, mesh)
     source = sources.StreamSource(None, None, mesh)
     steps, train_args, (folded, _) = _group_arguments(group, mesh, source=(source, _abstract_batch(
@@ -464,10 +464,9 @@ def _group_arguments(group, mesh, with_sharding: bool = True, source=None):
 def compile_group(config, runs: int, target: targets.Target, info=None):
     """The compiled train and eval steps of a group of `runs` runs of config (seeds seed,
     seed + 1, ...) for target: (train, eval, group, mesh)."""
-    from edgepopup_jax.training import parallel
     info = info or _group_info(config)[0]
     group = _group(config, runs, info)
-    mesh = parallel.make_mesh(runs, config.batch_size, target.mesh.devices.flat,
+    mesh = sharding.make_mesh(target.mesh.devices.flat, runs, config.batch_size,
                               config.get("parallel_split", "runs"))
     steps, train_args, eval_args = _group_arguments(group, mesh)
     return _compile(steps.train, *train_args), _compile(steps.eval, *eval_args), group, mesh

@@ -259,7 +259,7 @@ def _train(configs, workdirs, devices, cache_dir, stop_after_steps, say, given) 
     cache_dir = cache_dir or os.path.join(os.path.dirname(os.path.abspath(workdirs[0])), ".data_cache")
     data = _open_data(base, devices, cache_dir, given)  # checks data.pipeline and the data set
     group = parallel.make_group(configs, data.info)  # checks every config: nothing written yet
-    mesh = parallel.make_mesh(group.size, base.batch_size, devices, base.parallel_split)
+    mesh = sharding.make_mesh(devices, group.size, base.batch_size, base.parallel_split)
     source = _make_source(data, base, group, mesh, say)
     steps = _steps_for(group, mesh, source, base.state_sharding)
     num_processes = sharding.process_count(mesh)
@@ -562,7 +562,7 @@ def train_config(config: ml_collections.ConfigDict, workdir: str, devices=None):
     """What main.py runs: one run (results as train_and_evaluate's), or config.parallel_runs
     seeds as one group (a list of results, one per seed, in workdir/seed_<s>). Raises
     train.TrainingDiverged when the one run (or every run) diverged."""
-    parallel.check_split(config.parallel_split)
+    sharding.check_split(config.parallel_split)
     if config.parallel_runs == 1:
         return train_and_evaluate(config, workdir, devices=devices)
     configs, workdirs = parallel.seed_workdirs(config, workdir)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 import os
 
 import flax
@@ -20,19 +19,17 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
-from jax.sharding import Mesh
 
 from edgepopup_jax.core import masking, selection
 from edgepopup_jax.training import device_data, finetune, input_pipeline, sharding, sparsity, train
 
-RUNS_AXIS, DATA_AXIS = "runs", "data"
+RUNS_AXIS, DATA_AXIS = sharding.RUNS_AXIS, sharding.DATA_AXIS
 # The config fields the runs of one group may differ in; every other field must be equal.
 VARYING = ("seed", "model.keep_fraction", "model.weight_init", "model.weight_init_mode",
            "model.scale_by_keep_fraction", "model.mask_scope", "optim.learning_rate",
            "optim.weight_decay", "model.keep_fraction_start", "model.keep_fraction_anneal_epochs",
            "model.keep_fraction_anneal")
-SPLITS = ("runs", "data")
-HYPER = ("learning_rate", "weight_decay", "counts", "global")  # Group.hyper's keys  # what the devices split: the runs (default) or every run's batch
+HYPER = ("learning_rate", "weight_decay", "counts", "global")  # Group.hyper's keys
 
 
 class GroupError(ValueError):
@@ -61,31 +58,6 @@ def check_group(configs: list) -> None:
                 raise GroupError(
                     f"runs 0 and {i} differ in {key} ({first.get(key)!r} vs {other.get(key)!r}); "
                     f"the runs of one group may differ only in {', '.join(VARYING)}")
-
-
-def check_split(split: str) -> str:
-    if split not in SPLITS:
-        raise ValueError(f"unknown parallel_split {split!r}; allowed: {', '.join(SPLITS)}")
-    return split
-
-
-def make_mesh(num_runs: int, batch_size: int, devices=None, split: str = "runs") -> Mesh:
-    """A 2-D (runs, data) mesh over the devices. split="runs": as many devices on the runs axis
-    as divide both the device count and the number of runs (gcd), the rest split each run's
-    batch; "data": every device splits the batch, each holds every run. Devices of several
-    processes always split the batch (each process feeds its share of it)."""
-    check_split(split)
-    devices = np.asarray(jax.devices() if devices is None else devices)
-    n = devices.size
-    several = len({d.process_index for d in devices.flat}) > 1
-    on_runs = math.gcd(num_runs, n) if split == "runs" and not several else 1
-    on_data = n // on_runs
-    if batch_size <= 0 or batch_size % on_data:
-        raise ValueError(f"batch_size {batch_size} cannot be split over the {on_data} devices of the "
-                         f"data axis ({n} devices, {on_runs} on the runs axis): it must be a positive "
-                         f"multiple of {on_data}; the nearest that work are "
-                         f"{sharding.nearest_multiples(max(batch_size, 1), on_data)}")
-    return Mesh(devices.reshape(on_runs, on_data), (RUNS_AXIS, DATA_AXIS))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,20 +1,22 @@
 """Devices and data placement: one code path for 1 CPU, 8 GPUs or a TPU pod.
 
-The mesh has a single `data` axis over all devices of all processes; the batch is sharded on
-it. The train state is replicated, or with state_sharding="fsdp" each large array is split over
-the same axis (XLA gathers the weights for the forward). Each process feeds only its own share
-of the batch.
+The mesh is 2-D, (runs, data), over all devices of all processes: a group's runs are split over
+`runs`, every run's batch over `data`. A run's state is replicated over `data`, or with
+state_sharding="fsdp" each large array is split over it (XLA gathers the weights for the
+forward). Each process feeds only its own share of the batch.
 """
 from __future__ import annotations
 
 import functools
+import math
 import os
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-DATA_AXIS = "data"
+RUNS_AXIS, DATA_AXIS = "runs", "data"
+SPLITS = ("runs", "data")  # what the devices split: the runs (default) or every run's batch
 STATE_SHARDINGS = ("replicated", "fsdp")
 # With fsdp, smaller arrays (BatchNorm statistics, biases, the step, the rng) stay replicated:
 # gathering them would cost more than the memory they take.
@@ -45,10 +47,31 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
         jax.distributed.initialize(heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT_S)
 
 
-def make_mesh(devices=None) -> Mesh:
-    """A 1-D mesh over `devices` (default: every device of every process)."""
-    devices = list(jax.devices() if devices is None else devices)
-    return Mesh(np.asarray(devices), (DATA_AXIS,))
+def check_split(split: str) -> str:
+    if split not in SPLITS:
+        raise ValueError(f"unknown parallel_split {split!r}; allowed: {', '.join(SPLITS)}")
+    return split
+
+
+def make_mesh(devices=None, num_runs: int = 1, batch_size: int | None = None,
+              split: str = "runs") -> Mesh:
+    """The (runs, data) mesh over `devices` (default: every device of every process) for a
+    group of num_runs runs. split="runs": as many devices on the runs axis as divide both the
+    device count and the number of runs (gcd), the rest split each run's batch; "data": every
+    device splits the batch, each holds every run. Devices of several processes always split
+    the batch (each process feeds its share of it). batch_size: checked to split evenly."""
+    check_split(split)
+    devices = np.asarray(jax.devices() if devices is None else list(devices))
+    n = devices.size
+    several = len({d.process_index for d in devices.flat}) > 1
+    on_runs = math.gcd(num_runs, n) if split == "runs" and not several else 1
+    on_data = n // on_runs
+    if batch_size is not None and (batch_size <= 0 or batch_size % on_data):
+        raise ValueError(f"batch_size {batch_size} cannot be split over the {on_data} devices of the "
+                         f"data axis ({n} devices, {on_runs} on the runs axis): it must be a positive "
+                         f"multiple of {on_data}; the nearest that work are "
+                         f"{nearest_multiples(max(batch_size, 1), on_data)}")
+    return Mesh(devices.reshape(on_runs, on_data), (RUNS_AXIS, DATA_AXIS))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

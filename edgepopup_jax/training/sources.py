@@ -26,7 +26,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from edgepopup_jax.training import device_data, input_pipeline, sharding
 
-RUNS_AXIS, DATA_AXIS = "runs", sharding.DATA_AXIS
+RUNS_AXIS, DATA_AXIS = sharding.RUNS_AXIS, sharding.DATA_AXIS
 
 
 def _place(tree, where: NamedSharding):

@@ -267,7 +267,7 @@ def run_of_one(config, info, devices=None):
     Returns (init: seed -> state, train: (state, batch) -> (state, metrics))."""
     from edgepopup_jax.training import parallel, sources
     group = parallel.make_group([config], info)
-    mesh = parallel.make_mesh(1, config.batch_size, devices)
+    mesh = sharding.make_mesh(devices, 1, config.batch_size)
     steps = make_steps(group, mesh, sources.StreamSource(None, None, mesh), config.state_sharding)
     runs = NamedSharding(mesh, PartitionSpec(RUNS_AXIS))
     hyper = jax.device_put(group.hyper, runs)
