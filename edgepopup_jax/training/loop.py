@@ -305,8 +305,8 @@ def _train(configs, workdirs, devices, cache_dir, stop_after_steps, say, given) 
                             saved_processes if saved_processes is not None
                             else "an unknown number of", num_processes, start)
         say(f"group of {group.size}: resumed from step {start}")
-    states = (jax.device_put(steps.stack(*states), runs_sh) if fine_tuning
-              else steps.stack(*states))
+    # (a fine-tuning state holds the fine-tuning optimizer's state: every leaf split over the runs)
+    states = jax.device_put(steps.stack(*states), runs_sh if fine_tuning else steps.state_sharding)
     alive = sources._place(np.ones((group.size,), bool), runs_sh)
     # The frozen weights as the last redraw left them (per leaf, all runs): nothing else may
     # change them, and the end of the run checks that nothing did.

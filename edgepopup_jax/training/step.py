@@ -207,7 +207,7 @@ class Steps:
     """A group's jitted functions on a mesh, with their shardings and donation: what the loop
     runs, and what `preflight` compiles ahead of time for an accelerator."""
     init: tuple  # per run: seed -> its TrainState (one jitted function per distinct model)
-    stack: Any  # (*states) -> the group's state, placed as state_sharding says
+    stack: Any  # (*states) -> the group's state (the loop places it as state_sharding says)
     train: Any  # (states, alive, item, step, hyper) -> (states, alive, metrics)
     fold: Any  # (variables, hyper) -> variables with every run's folded masks
     eval: Any  # (folded variables, chunk) -> per-run sums
@@ -252,7 +252,7 @@ def make_steps(group: Group, mesh: Mesh, source, state_sharding: str = "replicat
                               out_shardings=(runs, runs, repl), donate_argnums=(0, 1))
         pruned = jax.jit(functools.partial(group_pruned_weights, group=group), out_shardings=runs)
     return Steps(init=tuple(inits[m] for m in group.models),
-                 stack=jax.jit(_stack, out_shardings=state_sh),
+                 stack=jax.jit(_stack),
                  train=train_fn,
                  fold=jax.jit(functools.partial(fold_masks, group=group)),
                  eval=jax.jit(functools.partial(group_eval, group=group), out_shardings=repl),
@@ -274,7 +274,8 @@ def run_of_one(config, info, devices=None):
 
     def train_one(state, batch):
         alive = jax.device_put(np.ones((1,), bool), runs)  # (donated by every step)
-        states, _, metrics = steps.train(steps.stack(state), alive, batch, state.step, hyper)
+        states = jax.device_put(steps.stack(state), steps.state_sharding)
+        states, _, metrics = steps.train(states, alive, batch, state.step, hyper)
         return steps.take(states, 0), steps.take(metrics, 0)
 
     return steps.init[0], train_one
