@@ -384,8 +384,10 @@ def _train(configs, workdirs, devices, cache_dir, stop_after_steps, say, given) 
                 else f"{next(iter(lrs.values()), 0.0):.4g}"
             eta = _format_eta((end - step) * base.batch_size / rate)
             runs = f"{len(live())} of {group.size} runs, " if group.size > 1 else ""
+            acc = (f"  acc {np.mean([m['accuracy'][0] for _, m in got]):.4f}"
+                   if group.size == 1 else "")
             say(f"step {step}/{end}  epoch {step / group.steps_per_epoch:.2f}  {runs}loss {losses}"
-                f"{' ...' if len(live()) > 8 else ''}  lr {lr}  {rate:.0f} img/s"
+                f"{' ...' if len(live()) > 8 else ''}{acc}  lr {lr}  {rate:.0f} img/s"
                 f"{f' per run ({rate * len(live()):.0f} in all)' if group.size > 1 else ''}  ETA {eta}")
             since = time.time()
         pending = []
