@@ -32,7 +32,7 @@ def worker_config():
     c.eval_batch_size = 200
     c.optim.learning_rate = 0.01
     c.state_sharding = os.environ.get("MULTIHOST_STATE_SHARDING", "replicated")
-    c.data.pipeline = os.environ.get("MULTIHOST_PIPELINE", "auto")
+    c.data.pipeline = os.environ.get("MULTIHOST_PIPELINE", "tf_data")
     c.checkpoint_every_steps = int(os.environ.get("MULTIHOST_CHECKPOINT_EVERY", "1000"))
     return c
 

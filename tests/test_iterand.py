@@ -15,6 +15,7 @@ from edgepopup_jax.core import selection  # noqa: E402
 from edgepopup_jax.subnet import export  # noqa: E402
 from edgepopup_jax.training import checkpoint as ckpt_lib  # noqa: E402
 from edgepopup_jax.training import loop
+from edgepopup_jax.training import step as step_lib
 from edgepopup_jax.training import iterand, parallel, train  # noqa: E402
 from tests.test_parallel import config, one_device  # noqa: E402
 
@@ -108,13 +109,14 @@ def test_iterand_resumes_bit_exactly_and_differs_from_plain_edge_popup(tmp_path)
 
 
 def test_a_gradient_reaching_the_weights_is_still_caught(tmp_path, monkeypatch):
-    real = parallel._run_step
+    real = step_lib._run_step
 
     def leaky(*args, **kwargs):
         new, keep, metrics = real(*args, **kwargs)
         return new.replace(frozen=jax.tree.map(lambda w: w * 1.001, new.frozen)), keep, metrics
 
-    monkeypatch.setattr(parallel, "_run_step", leaky)
+    monkeypatch.setattr(step_lib, "_run_step", leaky)
+    loop._COMPILED.clear()  # (a cached step would keep the real one)
     with pytest.raises(RuntimeError, match="frozen weights changed between IteRand's redraws"):
         loop.train_group([rerand(**{"num_train_steps": 4})], [str(tmp_path / "run")],
                              devices=one_device())

@@ -40,7 +40,7 @@ def free_port() -> int:
 
 
 def launch_workers(tmp_path, steps=STEPS, stop_after=None, tag="", state_sharding="replicated",
-                   pipeline="auto"):
+                   pipeline="tf_data"):
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={DEVICES_PER_PROCESS}",
            "JAX_PLATFORMS": "cpu", "MULTIHOST_STEPS": str(steps), "TF_CPP_MIN_LOG_LEVEL": "2",
            "MULTIHOST_STATE_SHARDING": state_sharding, "MULTIHOST_PIPELINE": pipeline}

@@ -345,7 +345,10 @@ def test_option_combination_trains_evaluates_and_exports(row, tmp_path):
                                            if l["mode"] != "dense"}
         metrics, rows = evaluate.evaluate(c, subnet_path=str(subnet), devices=one)
         assert {r.name: r.kept for r in rows} == {l["name"]: l["kept"] for l in results["layers"]}
-    assert metrics == ev  # top-1, top-5, loss and count: exactly the trainer's
+    # top-1, top-5 and count exactly the trainer's; the loss to float tolerance (the trainer's
+    # evaluation is vmapped over its runs, and bfloat16 sums may round another way there)
+    assert {k: v for k, v in metrics.items() if k != "loss"} == {k: v for k, v in ev.items() if k != "loss"}
+    np.testing.assert_allclose(metrics["loss"], ev["loss"], rtol=1e-4)
 
 
 def _resnet(**options):

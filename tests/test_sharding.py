@@ -67,7 +67,7 @@ def test_fsdp_state_is_split_and_trains_resumes_and_evaluates_as_the_replicated_
     assert state.params["head"]["scores"].sharding.spec == PartitionSpec()  # small: replicated
     batch = next(input_pipeline.train_iterator(config.data, batch_size=32, seed=0))
     after, _ = train_step(state, batch)
-    assert after.params["fc0"]["scores"].sharding.spec == PartitionSpec("data", None)
+    assert after.params["fc0"]["scores"].sharding.is_equivalent_to(scores.sharding, 2)  # still split
 
     replicated = loop.train_and_evaluate(_config(), str(tmp_path / "replicated"), devices=devices)
     stopped = loop.train_and_evaluate(config, str(tmp_path / "fsdp"), devices=devices,

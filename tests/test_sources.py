@@ -95,13 +95,14 @@ def test_a_follow_up_on_tf_data_resumes_bit_exactly_after_sigkill(tmp_path, fold
     flags = [f"--config.{k}={v}" for k, v in {
         "data.name": "folder", "data.data_dir": folder, "data.pipeline": "tf_data",
         "data.image_size": 16, "data.augment": "none", "data.shuffle_buffer": 96,
-        "model.name": "cifar_resnet18", "model.width": 0.125, "model.keep_fraction": 0.3,
+        "model.width": 0.125, "model.keep_fraction": 0.3,
         "model.rerand_every": 3, "batch_size": 16, "eval_batch_size": 12, "num_train_steps": 12,
         "checkpoint_every_steps": 4, "eval_every_steps": 12, "log_every_steps": 1}.items()]
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
 
     def main(workdir):
-        return subprocess.Popen([sys.executable, str(ROOT / "main.py"), "--config=configs/default.py",
+        return subprocess.Popen([sys.executable, str(ROOT / "main.py"),
+                                 "--config=configs/cifar10.py:cifar_resnet18",
                                  f"--workdir={workdir}", *flags], cwd=ROOT, env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 

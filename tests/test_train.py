@@ -19,7 +19,7 @@ sys.path.insert(0, str(ROOT))
 
 from edgepopup_jax.configs import default  # noqa: E402
 from edgepopup_jax.training import checkpoint as ckpt_lib  # noqa: E402
-from edgepopup_jax.training import loop
+from edgepopup_jax.training import loop, sources
 from edgepopup_jax.training import evaluation, input_pipeline, train  # noqa: E402
 from edgepopup_jax.planning import grid  # noqa: E402
 
@@ -32,6 +32,7 @@ def small_config(**overrides):
     c.checkpoint_every_steps = 1000
     c.batch_size = 32
     c.eval_batch_size = 200
+    c.data.pipeline = "tf_data"  # a stream: these tests reach into the tf.data input
     return grid.with_overrides(c, overrides)
 
 
@@ -65,7 +66,7 @@ def test_default_config_learns_mnist5k(tmp_path):
     assert list((tmp_path).glob("events.out.tfevents.*")), "no TensorBoard event file"
 
 
-WALL_CLOCK = ("wall_time_sec", "images_per_sec")
+WALL_CLOCK = ("wall_time_sec", "images_per_sec", "resumed_from")  # (and what this invocation did)
 
 
 def test_resumed_run_ends_in_exactly_the_uninterrupted_state(tmp_path):
@@ -259,7 +260,7 @@ def test_epoch_checkpoint_is_saved_before_evaluation(tmp_path, monkeypatch):
     def broken_evaluation(*args, **kwargs):
         raise RuntimeError("evaluation failed")
 
-    monkeypatch.setattr(evaluation, "evaluate", broken_evaluation)
+    monkeypatch.setattr(sources.StreamSource, "eval_chunks", broken_evaluation)
     with pytest.raises(RuntimeError, match="evaluation failed"):
         loop.train_and_evaluate(c, str(tmp_path), devices=one_device())
     # The epoch's training is not lost: its checkpoint was written before the evaluation.

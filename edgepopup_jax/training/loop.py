@@ -494,7 +494,7 @@ def _train(configs, workdirs, devices, cache_dir, stop_after_steps, say, given) 
         read_pending(log=False)
         if dirs.checkpointers[0].latest_step() != step:
             save(force=True)
-            say(f"stopping at step {step} (data that does not decode); checkpoint saved")
+            say(f"Stopping at step {step} (data that does not decode); checkpoint saved")
         raise
     finally:
         dirs.close()

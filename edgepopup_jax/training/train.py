@@ -114,6 +114,9 @@ def check_run_options(config: ml_collections.ConfigDict, info: input_pipeline.Da
                  " (0: once per epoch)")
     if config.get("keep_checkpoints", 3) is not None:
         _check_count("keep_checkpoints", config.get("keep_checkpoints", 3), 1, " (None: keep all)")
+    if config.eval_batch_size is not None and config.eval_batch_size < 0:
+        raise ValueError(f"eval_batch_size must be positive (0 or None: batch_size), got "
+                         f"{config.eval_batch_size}")
     _check_count("data.shuffle_buffer", config.data.get("shuffle_buffer", 1), 1)
     sharding.check_state_sharding(config.get("state_sharding", "replicated"))
     ckpt_lib.check_on_corrupt(on_corrupt(config))
