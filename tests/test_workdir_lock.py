@@ -184,7 +184,7 @@ def test_cli_a_second_launch_is_refused_and_a_killed_ones_lock_does_not_block(tm
     killed.communicate()
     code, err = _finish(_main(tmp_path / "killed"))
     assert code == 0, err[-3000:]
-    assert "resumed from step 10" in err or "resumed from step 20" in err, err[-3000:]
+    assert "Resumed from step 10" in err or "Resumed from step 20" in err, err[-3000:]
     assert result("killed")["state_sha256"] == result("solo")["state_sha256"]
 
 

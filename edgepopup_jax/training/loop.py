@@ -304,7 +304,7 @@ def _train(configs, workdirs, devices, cache_dir, stop_after_steps, say, given) 
                             "step %d on differ from the original run's", start,
                             saved_processes if saved_processes is not None
                             else "an unknown number of", num_processes, start)
-        say(f"group of {group.size}: resumed from step {start}")
+        say(f"Resumed from step {start}{f' (a group of {group.size})' if group.size > 1 else ''}")
     # (a fine-tuning state holds the fine-tuning optimizer's state: every leaf split over the runs)
     states = jax.device_put(steps.stack(*states), runs_sh if fine_tuning else steps.state_sharding)
     alive = sources._place(np.ones((group.size,), bool), runs_sh)
