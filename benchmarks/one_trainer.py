@@ -29,7 +29,7 @@ CASES = {
     "single_tf_data": {"data.pipeline": "tf_data", "num_train_steps": 240},
     "single_device": {"data.pipeline": "device", "num_train_steps": 240},
     "grid_11": {"data.pipeline": "device", "num_train_steps": 120, "parallel_runs": 11},
-    "jpeg_stream": {"jpeg": True, "num_train_steps": 60},
+    "jpeg_stream": {"jpeg": True, "num_train_steps": 30},
 }
 
 RUN = r"""
@@ -43,7 +43,7 @@ except ImportError:
     from edgepopup_jax.training.parallel import train_config
 overrides = json.loads(sys.argv[1])
 c = default.get_config()
-c.batch_size, c.log_every_steps, c.eval_every_steps, c.checkpoint_every_steps = 128, 20, 100000, 100000
+c.batch_size, c.log_every_steps, c.eval_every_steps, c.checkpoint_every_steps = 128, 10, 100000, 100000
 c = grid.with_overrides(c, overrides)
 with tempfile.TemporaryDirectory() as workdir:
     results = train_config(c, os.path.join(workdir, "run"))
