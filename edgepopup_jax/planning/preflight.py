@@ -423,7 +423,7 @@ def _abstract_device_source(group, mesh, with_sharding: bool = True):
             "permutations": _spec((r, n), np.int32, runs), "seed": _spec((r,), np.int32, runs)}
     source = sources.DeviceSource(None, None, None, lambda it, step: batches(
         it["image"], it["label"], it["permutations"], it["seed"], step),
-        jax.tree.map(lambda x: x.sharding, item), False, n)
+        jax.tree.map(lambda x: x.sharding, item), False)
     return source, item
 
 

@@ -264,7 +264,7 @@ def _train(configs, workdirs, devices, cache_dir, stop_after_steps, say, given) 
     steps = _steps_for(group, mesh, source, base.state_sharding)
     num_processes = sharding.process_count(mesh)
     runs_sh = NamedSharding(mesh, PartitionSpec(RUNS_AXIS))
-    hyper = jax.tree.map(lambda x: sources._place(np.asarray(x), runs_sh), group.hyper)
+    hyper = jax.tree.map(lambda x: sharding.place(np.asarray(x), runs_sh), group.hyper)
 
     def host(tree):  # every process reads the whole tree
         return jax.device_get(sharding.replicate(tree, mesh))
@@ -307,7 +307,7 @@ def _train(configs, workdirs, devices, cache_dir, stop_after_steps, say, given) 
         say(f"Resumed from step {start}{f' (a group of {group.size})' if group.size > 1 else ''}")
     # (a fine-tuning state holds the fine-tuning optimizer's state: every leaf split over the runs)
     states = jax.device_put(steps.stack(*states), runs_sh if fine_tuning else steps.state_sharding)
-    alive = sources._place(np.ones((group.size,), bool), runs_sh)
+    alive = sharding.place(np.ones((group.size,), bool), runs_sh)
     # The frozen weights as the last redraw left them (per leaf, all runs): nothing else may
     # change them, and the end of the run checks that nothing did.
     frozen_after_redraw = ckpt_lib.checksum(states.frozen) if rerand else None
@@ -399,7 +399,7 @@ def _train(configs, workdirs, devices, cache_dir, stop_after_steps, say, given) 
             return
         new = group.counts(at)
         if counts_now is None or any(not np.array_equal(new[s], counts_now[s]) for s in new):
-            hyper["counts"] = jax.tree.map(lambda x: sources._place(x, runs_sh), new)
+            hyper["counts"] = jax.tree.map(lambda x: sharding.place(x, runs_sh), new)
             counts_now = new
 
     def check_frozen_before_finetuning():

@@ -29,11 +29,6 @@ from edgepopup_jax.training import device_data, input_pipeline, sharding
 RUNS_AXIS, DATA_AXIS = sharding.RUNS_AXIS, sharding.DATA_AXIS
 
 
-def _place(tree, where: NamedSharding):
-    """Host numpy arrays, equal on every process, as global arrays placed as `where` says."""
-    return jax.tree.map(lambda x: jax.make_array_from_callback(x.shape, where, lambda i: x[i]), tree)
-
-
 def _local_share(global_size: int, mesh: Mesh, what: str) -> int:
     """This process's rows of a global batch split over the mesh's data axis."""
     n, p = mesh.shape[DATA_AXIS], sharding.process_count(mesh)
@@ -66,7 +61,6 @@ class DeviceSource:
     batches: Callable  # (item, step) -> every run's batch, traced in the step
     item_sharding: dict
     on_host: bool
-    num_train: int
     shared: bool = False
     process_dependent: bool = False  # the batches do not depend on the process count
     _epoch: int | None = None
@@ -105,22 +99,22 @@ def device_source(data_config, arrays, *, num_runs_seeds, steps_per_epoch: int, 
     n = len(train_labels)
     permute = jax.jit(jax.vmap(lambda seed, epoch: device_data.epoch_permutation(seed, epoch, n),
                                in_axes=(0, None)), out_shardings=runs)
-    seeds = _place(np.asarray(num_runs_seeds, np.int32), runs)
-    eval_data = _place(device_data.eval_batches(eval_images, eval_labels, eval_batch_size), repl)
+    seeds = sharding.place(np.asarray(num_runs_seeds, np.int32), runs)
+    eval_data = sharding.place(device_data.eval_batches(eval_images, eval_labels, eval_batch_size), repl)
     if on_host:
         cpu = jax.devices("cpu")[0]
         train = jax.device_put({"image": train_images, "label": train_labels}, cpu)
         return DeviceSource(train, eval_data, seeds, _as_is,
-                            NamedSharding(mesh, PartitionSpec(RUNS_AXIS, DATA_AXIS)), True, n,
+                            NamedSharding(mesh, PartitionSpec(RUNS_AXIS, DATA_AXIS)), True,
                             _host_gather=jax.jit(gather), _permute=permute,
                             _steps_per_epoch=steps_per_epoch)
-    train = _place({"image": train_images, "label": train_labels}, repl)
+    train = sharding.place({"image": train_images, "label": train_labels}, repl)
 
     def batches(item, step):
         return gather(item["image"], item["label"], item["permutations"], item["seed"], step)
 
     return DeviceSource(train, eval_data, seeds, batches,
-                        {"image": repl, "label": repl, "permutations": runs, "seed": runs}, False, n,
+                        {"image": repl, "label": repl, "permutations": runs, "seed": runs}, False,
                         _permute=permute, _steps_per_epoch=steps_per_epoch)
 
 
